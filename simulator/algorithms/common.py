@@ -1,0 +1,208 @@
+"""What the algorithms share: run context, parameter dicts, minibatches, SGD, averaging, eval.
+
+Model state is data: a model part is a dict name -> tensor used with
+``torch.func.functional_call`` on one module skeleton, so per-client copies are dicts, not
+deep-copied modules, and can be saved with ``torch.save``. Nothing here touches the clock.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.func import functional_call
+
+from simulator import rng
+from simulator.config import Fraction, PosInt, Strict
+
+Params = dict[str, torch.Tensor]
+
+
+class RoundConfig(Strict):
+    """Options every round-based algorithm shares."""
+
+    batch_size: PosInt = Field(32, description="Minibatch size B.")
+    participation: Fraction = Field(1.0, description="Fraction of clients taking part in each round.")
+    aggregation: Literal["equal", "data_size"] = Field(
+        "equal", description="Weights of the round-end average: equal, or by client data size."
+    )
+
+
+@dataclass
+class RunContext:
+    """Everything an algorithm is built from (the runner fills it in)."""
+
+    scenario: Any
+    cfg: Any  # the algorithm's own config object
+    data: Any  # simulator.data.Dataset (or a text dataset)
+    parts: Any  # models.split.SplitModel: .client, .server modules
+    profile: Any  # models.profile.CutProfile at the algorithm's batch size
+    partitions: list  # index arrays, one per client
+    sim: Any  # simulator.engine.Simulation
+    device: torch.device
+    seed: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.partitions)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter dicts
+# --------------------------------------------------------------------------------------------
+def params_of(module: torch.nn.Module) -> Params:
+    """A detached copy of a module's parameters (the initial global model)."""
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def clone(params: Params) -> Params:
+    return {k: v.clone() for k, v in params.items()}
+
+
+def num_params(params: Params) -> int:
+    return sum(v.numel() for v in params.values())
+
+
+def param_bytes(params: Params) -> int:
+    return sum(v.numel() * v.element_size() for v in params.values())
+
+
+def forward(module: torch.nn.Module, params: Params, *args) -> torch.Tensor:
+    """Run a module skeleton with the given parameters."""
+    return functional_call(module, params, args)
+
+
+def leaf(params: Params) -> Params:
+    """Views of ``params`` that require grad (same storage: later in-place updates land)."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+@torch.no_grad()
+def sgd_step(
+    params: Params,
+    grads: dict,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    buffers: Optional[dict] = None,
+    clip_norm: Optional[float] = None,
+) -> None:
+    """torch.optim.SGD's update (dampening 0, no Nesterov), in place on ``params``."""
+    if clip_norm is not None:
+        total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+        if total > clip_norm:
+            scale = clip_norm / (total + 1e-6)
+            grads = {k: g * scale for k, g in grads.items()}
+    for k, p in params.items():
+        g = grads[k]
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if momentum:
+            buf = buffers.get(k) if buffers is not None else None
+            if buf is None:
+                buf = g.clone()
+            else:
+                buf.mul_(momentum).add_(g)
+            if buffers is not None:
+                buffers[k] = buf
+            g = buf
+        p.add_(g, alpha=-lr)
+
+
+@torch.no_grad()
+def aggregate(global_params: Params, local: list[Params], weights: list[float], eta_g: float = 1.0) -> Params:
+    """x + eta_g * sum_m w_m (x_m - x), weights normalised to sum 1 (eta_g = 1: plain average)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    out = {}
+    for k, x in global_params.items():
+        delta = torch.zeros_like(x)
+        for wm, xm in zip(w, local):
+            delta.add_(xm[k] - x, alpha=float(wm))
+        out[k] = x + eta_g * delta
+    return out
+
+
+def aggregation_flops(n_params: int, n_models: int) -> int:
+    """FLOPs of the weighted average: a multiply-add per parameter per model, plus the step."""
+    return 2 * n_params * (n_models + 1)
+
+
+def aggregation_weights(kind: str, clients: list[int], partitions: list) -> list[float]:
+    if kind == "data_size":
+        return [float(len(partitions[c])) for c in clients]
+    return [1.0] * len(clients)
+
+
+# --------------------------------------------------------------------------------------------
+# Clients and minibatches
+# --------------------------------------------------------------------------------------------
+def select_clients(seed: int, round: int, num_clients: int, fraction: float) -> list[int]:
+    """Clients of a round: round(fraction*K) (at least 1) drawn without replacement, sorted."""
+    m = max(1, int(round_half_up(fraction * num_clients)))
+    if m >= num_clients:
+        return list(range(num_clients))
+    chosen = rng.generator(seed, "algo", "select", round).choice(num_clients, m, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+@dataclass
+class ClientBatches:
+    """Minibatch k of client c is a pure function of (seed, c, k).
+
+    Each local epoch is a keyed permutation (seed, "data", "batches", c, epoch) of the client's
+    indices, cut into floor(n/B) batches (the last partial batch is dropped so every batch has
+    B samples and the same priced FLOPs; a client with fewer than B samples uses all of them).
+    """
+
+    partitions: list
+    batch_size: int
+    seed: int
+    cursor: dict = field(default_factory=dict)  # client -> batches drawn so far (state is data)
+
+    def batches_per_epoch(self, client: int) -> int:
+        return max(1, len(self.partitions[client]) // self.batch_size)
+
+    def indices(self, client: int, k: int) -> np.ndarray:
+        part = self.partitions[client]
+        per = self.batches_per_epoch(client)
+        epoch, i = divmod(k, per)
+        perm = rng.generator(self.seed, "data", "batches", client, epoch).permutation(len(part))
+        b = min(self.batch_size, len(part))
+        return part[perm[i * b : (i + 1) * b]]
+
+    def next(self, client: int) -> np.ndarray:
+        k = self.cursor.get(client, 0)
+        self.cursor[client] = k + 1
+        return self.indices(client, k)
+
+
+def batch_tensors(data, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.as_tensor(idx, dtype=torch.long)
+    return data.x_train[t].to(device), data.y_train[t].to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (free in simulated time)
+# --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def evaluate(parts, client_params: Params, server_params: Params, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of the global model on (x, y)."""
+    correct, loss_sum, n = 0, 0.0, len(y)
+    for s in range(0, n, batch_size):
+        xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
+        h = forward(parts.client, client_params, xb)
+        aux = parts.aux(xb) if hasattr(parts, "aux") else None
+        logits = forward(parts.server, server_params, h) if aux is None else forward(parts.server, server_params, h, aux)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return correct / n, loss_sum / n

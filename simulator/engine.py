@@ -1,0 +1,126 @@
+"""The engine: a SimPy environment, the server resource, and the charge/send/serve helpers.
+
+This is the only place where the clock and the latency models meet: ``charge`` prices an
+operation, advances simulated time by that much and records the span, in one call, so nothing
+is charged that is not in the event log. Algorithms are SimPy processes that ``yield from``
+these helpers and run their real tensor steps in between. The engine imposes no rounds:
+``end_round`` is a notification an algorithm may send (GAS sends one per global iteration).
+The engine never touches tensors.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Generator, Optional
+
+import simpy
+
+from simulator.latency import CLIENT_COMPUTE, DOWNLINK, SERVER_COMPUTE, UPLINK, Op, TimeModel
+from simulator.trace import Recorder
+
+_PARTY = {CLIENT_COMPUTE: "client", SERVER_COMPUTE: "server", UPLINK: "uplink", DOWNLINK: "downlink"}
+
+
+class Simulation:
+    """Simulated time for one run: charges operations and tells listeners about rounds."""
+
+    def __init__(self, time_model: TimeModel, recorder: Recorder, server_capacity: Optional[int] = 1):
+        self.env = simpy.Environment()
+        self.time_model = time_model
+        self.recorder = recorder
+        # capacity None = unlimited: server jobs never queue.
+        self.server = simpy.Resource(self.env, capacity=server_capacity) if server_capacity else None
+        self.server_capacity = server_capacity
+        self.stopped = self.env.event()
+        self.stop_reason: Optional[str] = None
+        self.rounds_done = 0
+        self._seq: dict = defaultdict(int)
+        self._round_listeners: list[Callable[[int], None]] = []
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    # -- charging ------------------------------------------------------------------------
+    def charge(
+        self,
+        category: str,
+        kind: str,
+        *,
+        client: Optional[int] = None,
+        flops: float = 0.0,
+        nbytes: int = 0,
+        round: Optional[int] = None,
+        wait_s: float = 0.0,
+        party: Optional[str] = None,
+    ) -> Generator:
+        """Price one operation, let that much simulated time pass, and record the span."""
+        key = (client, category)
+        seq = self._seq[key]
+        self._seq[key] = seq + 1
+        op = Op(category, kind, client, float(flops), int(nbytes), seq, round)
+        start = float(self.env.now)
+        duration = self.time_model.duration(op, start)
+        yield self.env.timeout(duration)
+        self.recorder.span(
+            client=client,
+            party=party or _PARTY[category],
+            kind=kind,
+            round=round,
+            seq=seq,
+            start_s=start,
+            end_s=self.env.now,
+            wait_s=wait_s,
+            flops=op.flops,
+            nbytes=op.nbytes,
+        )
+
+    def compute(self, client: int, kind: str, flops: float, round: Optional[int] = None) -> Generator:
+        """Client ``client`` computes ``flops`` (its speed, slowdowns and delay apply)."""
+        return self.charge(CLIENT_COMPUTE, kind, client=client, flops=flops, round=round)
+
+    def send(self, client: int, direction: str, kind: str, nbytes: int, round: Optional[int] = None) -> Generator:
+        """A message of ``nbytes`` between client ``client`` and the servers."""
+        if direction not in (UPLINK, DOWNLINK):
+            raise ValueError(f"direction must be {UPLINK!r} or {DOWNLINK!r}, got {direction!r}")
+        return self.charge(direction, kind, client=client, nbytes=nbytes, round=round)
+
+    def serve(self, kind: str, flops: float, client: Optional[int] = None, round: Optional[int] = None) -> Generator:
+        """Split Server work: wait for a free server slot, then compute ``flops``.
+
+        The caller runs the real step right after this returns, before any other process
+        resumes, so real server steps happen in the order their charges complete.
+        """
+        if self.server is None:
+            yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round)
+            return
+        with self.server.request() as req:
+            asked = self.env.now
+            yield req
+            yield from self.charge(
+                SERVER_COMPUTE, kind, client=client, flops=flops, round=round, wait_s=self.env.now - asked
+            )
+
+    def fed(self, kind: str, flops: float, round: Optional[int] = None) -> Generator:
+        """Fed Server work (averaging client parts): priced at server speed, its own machine."""
+        return self.charge(SERVER_COMPUTE, kind, flops=flops, round=round, party="fed")
+
+    # -- rounds and stopping --------------------------------------------------------------
+    def on_round(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(round)`` whenever an algorithm reports the end of a round."""
+        self._round_listeners.append(listener)
+
+    def end_round(self, round: int) -> None:
+        """An algorithm finished round (or global iteration) ``round`` (0-based)."""
+        self.rounds_done = round + 1
+        for listener in self._round_listeners:
+            listener(round)
+
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop now; the first reason wins."""
+        if not self.stopped.triggered:
+            self.stop_reason = reason
+            self.stopped.succeed(reason)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopped.triggered

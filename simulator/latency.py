@@ -1,0 +1,348 @@
+"""Latency models: the price, in simulated seconds, of one operation.
+
+A latency model sees an ``Op`` record (who, what kind, FLOPs, bytes, sequence number) and the
+current simulated time, and returns a duration. It never sees tensors and never advances the
+clock (the engine does that). Base models price one category of work; modifiers wrap any model
+and change its answer inside a time window (slowdowns, outages, bandwidth drops, trace tables).
+All random values come from keyed generators (stream ``time``), so every algorithm run on the
+same scenario and seed sees the same device speeds and the same k-th delay of each client.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from simulator import rng
+from simulator.config import Distribution, as_distribution
+from simulator.errors import CostError, ScenarioError
+
+#: Operation categories. ``category_of(kind)`` maps every op kind to one of these.
+CLIENT_COMPUTE = "client_compute"
+SERVER_COMPUTE = "server_compute"
+UPLINK = "uplink"
+DOWNLINK = "downlink"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One priced operation. ``seq`` is the k-th op of this (client, category)."""
+
+    category: str  # client_compute | server_compute | uplink | downlink
+    kind: str  # e.g. client_forward, server_step, activation, model_down, aggregate
+    client: Optional[int] = None
+    flops: float = 0.0
+    nbytes: int = 0
+    seq: int = 0
+    round: Optional[int] = None
+
+
+class LatencyModel(Protocol):
+    """Anything with ``duration(op, now) -> seconds``."""
+
+    def duration(self, op: Op, now: float) -> float: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Base models
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ClientCompute:
+    """FLOPs / device speed, plus a random delay drawn per operation.
+
+    ``speeds[c]`` is client c's FLOP/s. The k-th delay of client c comes from the generator
+    keyed (seed, "time", "delay", c, k), whatever algorithm asks for it.
+    """
+
+    speeds: Sequence[float]
+    delay: Distribution
+    seed: int
+
+    def duration(self, op: Op, now: float) -> float:
+        speed = self.speeds[op.client]
+        if not speed > 0:
+            raise CostError(f"client {op.client} has device speed {speed} FLOP/s; cannot price {op.kind}")
+        d = op.flops / speed
+        if not _is_zero(self.delay):
+            d += self.delay.sample(rng.generator(self.seed, "time", "delay", op.client, op.seq))
+        return d
+
+
+@dataclass
+class ServerCompute:
+    """FLOPs / server speed (queueing for a free slot is the engine's job, not priced here)."""
+
+    flops_per_s: float
+
+    def duration(self, op: Op, now: float) -> float:
+        if not self.flops_per_s > 0:
+            raise CostError(f"server speed is {self.flops_per_s} FLOP/s; cannot price {op.kind}")
+        return op.flops / self.flops_per_s
+
+
+@dataclass
+class Link:
+    """latency_s + 8 * bytes / bandwidth_bps, per client, for one direction."""
+
+    bandwidth_bps: Sequence[float]
+    latency_s: Sequence[float]
+
+    def duration(self, op: Op, now: float) -> float:
+        bw = self.bandwidth_bps[op.client]
+        if not bw > 0:
+            raise CostError(f"client {op.client} has bandwidth {bw} bit/s; cannot price {op.kind}")
+        return self.latency_s[op.client] + 8.0 * op.nbytes / bw
+
+
+# --------------------------------------------------------------------------------------------
+# Modifiers: wrap any model, act on some clients inside [start_s, end_s)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Slowdown:
+    """Operations of ``clients`` that START inside the window take ``factor`` times longer."""
+
+    base: LatencyModel
+    clients: frozenset
+    factor: float
+    start_s: float = 0.0
+    end_s: float = math.inf
+
+    def duration(self, op: Op, now: float) -> float:
+        d = self.base.duration(op, now)
+        if op.client in self.clients and self.start_s <= now < self.end_s:
+            d *= self.factor
+        return d
+
+
+@dataclass
+class Unreachable:
+    """A message of ``clients`` that starts inside the window waits for its end, then goes."""
+
+    base: LatencyModel
+    clients: frozenset
+    start_s: float
+    end_s: float
+
+    def duration(self, op: Op, now: float) -> float:
+        if op.client in self.clients and self.start_s <= now < self.end_s:
+            return (self.end_s - now) + self.base.duration(op, self.end_s)
+        return self.base.duration(op, now)
+
+
+@dataclass
+class BandwidthChange:
+    """Inside the window, messages of ``clients`` use ``bandwidth_bps`` (latency unchanged).
+
+    Changes stack: a later one wraps an earlier one and wins where their windows overlap.
+    """
+
+    base: LatencyModel
+    clients: frozenset
+    bandwidth_bps: float
+    latency_s: Sequence[float]
+    start_s: float = 0.0
+    end_s: float = math.inf
+
+    def duration(self, op: Op, now: float) -> float:
+        if op.client in self.clients and self.start_s <= now < self.end_s:
+            return self.latency_s[op.client] + 8.0 * op.nbytes / self.bandwidth_bps
+        return self.base.duration(op, now)
+
+
+@dataclass
+class TraceSpeed:
+    """Measured device behaviour: compute of a client inside a trace row's window is divided
+    by the row's ``speed_factor``. ``rows`` holds (client, start_s, end_s, speed_factor)."""
+
+    base: LatencyModel
+    rows: list = field(default_factory=list)
+
+    def duration(self, op: Op, now: float) -> float:
+        d = self.base.duration(op, now)
+        for c, start, end, factor in self.rows:
+            if c == op.client and start <= now < end:
+                return d / factor
+        return d
+
+
+@dataclass
+class TraceBandwidth:
+    """Measured network: inside a trace row's window a client's messages use the row's
+    bandwidth. ``rows`` holds (client, start_s, end_s, bandwidth_bps)."""
+
+    base: LatencyModel
+    rows: list
+    latency_s: Sequence[float]
+
+    def duration(self, op: Op, now: float) -> float:
+        for c, start, end, bps in self.rows:
+            if c == op.client and start <= now < end:
+                return self.latency_s[op.client] + 8.0 * op.nbytes / bps
+        return self.base.duration(op, now)
+
+
+#: Registry of latency models; the contract test runs every entry.
+LATENCY_MODELS = {
+    "client_compute": ClientCompute,
+    "server_compute": ServerCompute,
+    "link": Link,
+    "slowdown": Slowdown,
+    "unreachable": Unreachable,
+    "bandwidth_change": BandwidthChange,
+    "trace_speed": TraceSpeed,
+    "trace_bandwidth": TraceBandwidth,
+}
+
+
+def _is_zero(d) -> bool:
+    return getattr(d, "dist", None) == "constant" and d.value == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Building the time model of a scenario
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TimeModel:
+    """One latency model per category, plus what was drawn (for the run's summary)."""
+
+    models: dict
+    client_speeds: list
+    uplink_bps: list
+    downlink_bps: list
+    tiers: list
+
+    def duration(self, op: Op, now: float) -> float:
+        d = self.models[op.category].duration(op, now)
+        if not (d >= 0 and math.isfinite(d)):
+            raise CostError(f"{op.kind} of client {op.client} priced at {d!r} s; durations must be finite and >= 0")
+        return d
+
+
+def draw_client_speeds(time_cfg, num_clients: int, seed: int) -> tuple[list[float], list[str]]:
+    """Device FLOP/s per client: a draw per client, times its tier's speed factor."""
+    dist = as_distribution(time_cfg.client.flops_per_s)
+    speeds = [dist.sample(rng.generator(seed, "time", "speed", c)) for c in range(num_clients)]
+    tier_of = assign_tiers(time_cfg.client.tiers, num_clients, seed)
+    factors = {t.name: t.speed_factor for t in time_cfg.client.tiers}
+    out = [s * factors.get(tier_of[c], 1.0) for c, s in enumerate(speeds)]
+    return out, tier_of
+
+
+def assign_tiers(tiers, num_clients: int, seed: int) -> list[str]:
+    """Tier name per client ('' = no tier). Explicit client lists first; shares fill the rest.
+
+    Shares become counts by largest remainder over ALL clients; which clients get them is a
+    keyed permutation (seed, "time", "tiers"), so it is the same for every algorithm.
+    """
+    tier_of = [""] * num_clients
+    for t in tiers:
+        for c in t.clients or []:
+            tier_of[c] = t.name
+    share_tiers = [t for t in tiers if t.share is not None]
+    if share_tiers:
+        raw = np.array([t.share * num_clients for t in share_tiers])
+        counts = np.floor(raw).astype(int)
+        remainders = raw - counts
+        budget = int(round(sum(t.share for t in share_tiers) * num_clients)) - counts.sum()
+        for i in np.argsort(-remainders, kind="stable")[: max(0, budget)]:
+            counts[i] += 1
+        free = [c for c in rng.generator(seed, "time", "tiers").permutation(num_clients) if tier_of[c] == ""]
+        pos = 0
+        for t, n in zip(share_tiers, counts):
+            for c in free[pos : pos + n]:
+                tier_of[int(c)] = t.name
+            pos += n
+    return tier_of
+
+
+def _per_client(value, num_clients: int, seed: int, what: str) -> list[float]:
+    dist = as_distribution(value)
+    return [dist.sample(rng.generator(seed, "time", what, c)) for c in range(num_clients)]
+
+
+def read_trace_csv(path: str, num_clients: int) -> list[tuple]:
+    """Rows (client, start_s, end_s, speed_factor, bandwidth_bps) from a trace CSV."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScenarioError("time.trace_csv", f"file not found: {p}")
+    rows = []
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        need = {"client", "start_s", "end_s"}
+        if not need <= cols or not ({"speed_factor", "bandwidth_mbps"} & cols):
+            raise ScenarioError(
+                "time.trace_csv",
+                f"{p}: expected columns client,start_s,end_s and speed_factor and/or bandwidth_mbps, got {sorted(cols)}",
+            )
+        for n, r in enumerate(reader, start=2):
+            try:
+                c = int(r["client"])
+                s, e = float(r["start_s"]), float(r["end_s"] or "inf")
+                sf = float(r["speed_factor"]) if r.get("speed_factor") not in (None, "") else math.nan
+                bw = float(r["bandwidth_mbps"]) * 1e6 if r.get("bandwidth_mbps") not in (None, "") else math.nan
+            except ValueError as ex:
+                raise ScenarioError("time.trace_csv", f"{p} line {n}: {ex}") from None
+            if not 0 <= c < num_clients or not e > s or (sf == sf and sf <= 0) or (bw == bw and bw <= 0):
+                raise ScenarioError(
+                    "time.trace_csv",
+                    f"{p} line {n}: need 0 <= client < {num_clients}, end_s > start_s, positive factors",
+                )
+            rows.append((c, s, e, sf, bw))
+    return rows
+
+
+def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
+    """Base models from the scenario's ``time`` section, wrapped by its episodes and trace."""
+    speeds, tier_of = draw_client_speeds(time_cfg, num_clients, seed)
+    up_bps = [m * 1e6 for m in _per_client(time_cfg.network.uplink.bandwidth_mbps, num_clients, seed, "uplink_bw")]
+    down_bps = [m * 1e6 for m in _per_client(time_cfg.network.downlink.bandwidth_mbps, num_clients, seed, "downlink_bw")]
+    up_lat = _per_client(time_cfg.network.uplink.latency_s, num_clients, seed, "uplink_latency")
+    down_lat = _per_client(time_cfg.network.downlink.latency_s, num_clients, seed, "downlink_latency")
+    for c in range(num_clients):
+        if not speeds[c] > 0:
+            raise ScenarioError("time.client.flops_per_s", f"client {c} drew a device speed of {speeds[c]}; must be > 0")
+        if not (up_bps[c] > 0 and down_bps[c] > 0):
+            raise ScenarioError("time.network", f"client {c} drew a zero bandwidth; bandwidth must be > 0")
+
+    compute: LatencyModel = ClientCompute(speeds, as_distribution(time_cfg.client.delay_s), seed)
+    uplink: LatencyModel = Link(up_bps, up_lat)
+    downlink: LatencyModel = Link(down_bps, down_lat)
+    # Order of wrapping: bandwidth changes and trace rows act on the link itself; outages wrap
+    # everything (a message waits for the outage to end, then is priced as usual).
+    for ep in time_cfg.episodes:
+        clients = frozenset(ep.clients)
+        end = math.inf if ep.end_s is None else ep.end_s
+        if ep.kind == "slowdown":
+            compute = Slowdown(compute, clients, ep.factor, ep.start_s, end)
+        elif ep.kind == "bandwidth":
+            bps = ep.bandwidth_mbps * 1e6
+            if ep.direction in ("uplink", "both"):
+                uplink = BandwidthChange(uplink, clients, bps, up_lat, ep.start_s, end)
+            if ep.direction in ("downlink", "both"):
+                downlink = BandwidthChange(downlink, clients, bps, down_lat, ep.start_s, end)
+    if time_cfg.trace_csv:
+        rows = read_trace_csv(time_cfg.trace_csv, num_clients)
+        speed_rows = [(c, s, e, f) for c, s, e, f, _ in rows if not math.isnan(f)]
+        bw_rows = [(c, s, e, b) for c, s, e, _, b in rows if not math.isnan(b)]
+        if speed_rows:
+            compute = TraceSpeed(compute, speed_rows)
+        if bw_rows:
+            uplink = TraceBandwidth(uplink, bw_rows, up_lat)
+            downlink = TraceBandwidth(downlink, bw_rows, down_lat)
+    for ep in time_cfg.episodes:
+        if ep.kind == "unreachable":
+            clients = frozenset(ep.clients)
+            uplink = Unreachable(uplink, clients, ep.start_s, ep.end_s)
+            downlink = Unreachable(downlink, clients, ep.start_s, ep.end_s)
+    models = {
+        CLIENT_COMPUTE: compute,
+        SERVER_COMPUTE: ServerCompute(time_cfg.server.flops_per_s),
+        UPLINK: uplink,
+        DOWNLINK: downlink,
+    }
+    return TimeModel(models, speeds, up_bps, down_bps, tier_of)

@@ -1,0 +1,297 @@
+"""Run one scenario: build data, model, time model and algorithm, run the event loop, write outputs.
+
+``run_scenario`` is the API for notebooks and the CLI alike. It owns evaluation (free in
+simulated time), the stop rules and the output files; the algorithm owns its control flow.
+Outputs in ``out_dir``: scenario.yaml (resolved), metrics.csv, events.csv, summary.json,
+accuracy_vs_time.png, and any per-round tables the algorithm records. A KeyboardInterrupt
+stops the loop; what was recorded is flushed and the summary says ``"status": "interrupted"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import time as _time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from simulator.algorithms import ALGORITHMS
+from simulator.algorithms.common import RunContext
+from simulator.engine import Simulation
+from simulator.errors import ScenarioError, UserError
+from simulator.latency import build_time_model
+from simulator.scenario import Scenario, to_yaml
+from simulator.trace import Recorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the summary, and the recorder with every span and metric."""
+
+    summary: dict
+    recorder: Recorder
+    out_dir: Optional[Path]
+    algorithm: Any = field(repr=False, default=None)
+
+    @property
+    def metrics(self):
+        """Metrics as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.recorder.metrics)
+
+    @property
+    def events(self):
+        """Events as a pandas DataFrame."""
+        import pandas as pd
+        from simulator.trace import EVENT_COLUMNS
+
+        return pd.DataFrame(self.recorder.events, columns=list(EVENT_COLUMNS))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScenarioError("device", "cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> RunContext:
+    """Data, partitions, split model and cut profile for a scenario."""
+    from models.profile import profile_cut
+    from models.split import split
+    from models.zoo import build_model
+    from simulator.data import load_dataset, partition
+
+    d = scenario.data
+    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
+    labels = data.y_train.numpy()
+    try:
+        parts_idx = partition(labels, d.num_clients, d.partition, seed=scenario.seed,
+                              alpha=d.alpha, shards_per_client=d.shards_per_client)
+    except ValueError as e:
+        raise ScenarioError("data.partition", str(e)) from None
+    c, h, w = data.input_shape
+    model = build_model(scenario.model.name, c, data.num_classes, (h, w), seed=scenario.seed)
+    try:
+        parts = split(model, scenario.model.cut)
+    except ValueError as e:
+        raise ScenarioError("model.cut", str(e)) from None
+    parts.client.to(device)
+    parts.server.to(device)
+    batch = getattr(scenario.algorithm, "batch_size", 32)
+    profile = profile_cut(parts, data.input_shape, batch)
+    if device.type != "cpu":
+        data = _to_device(data, device)
+    return RunContext(scenario, scenario.algorithm, data, parts, profile, parts_idx, sim, device, scenario.seed)
+
+
+def _to_device(data, device):
+    import dataclasses
+
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train.to(device), y_train=data.y_train.to(device),
+        x_test=data.x_test.to(device), y_test=data.y_test.to(device),
+    )
+
+
+class _Controller:
+    """Evaluation and stop rules, driven by round notifications and a clock process."""
+
+    def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool):
+        self.s, self.sim, self.algo, self.ctx = scenario, sim, algo, ctx
+        self.last_eval_key = None
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=scenario.stop.rounds, unit="round", file=sys.stderr, dynamic_ncols=True,
+                            desc=scenario.name, leave=True)
+
+    def evaluate(self) -> dict:
+        ev = self.s.eval
+        acc, loss = self.algo.evaluate(self.ctx.data.x_test, self.ctx.data.y_test, ev.batch_size)
+        row = self.sim.recorder.metric(self.sim.now, self.sim.rounds_done, acc, loss)
+        self.last_eval_key = (self.sim.rounds_done, self.sim.now)
+        if self.bar is not None:
+            self.bar.set_postfix(sim_s=f"{self.sim.now:.1f}", acc=f"{acc:.4f}", refresh=False)
+        target = self.s.stop.target_accuracy
+        if target is not None and acc >= target:
+            self.sim.stop("target_accuracy")
+        return row
+
+    def on_round(self, r: int) -> None:
+        done = r + 1
+        self.sim.recorder.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(sim_s=f"{self.sim.now:.1f}", refresh=True)
+        every = self.s.eval.every_rounds
+        if every is not None and done % every == 0:
+            self.evaluate()
+        if self.s.stop.rounds is not None and done >= self.s.stop.rounds:
+            self.sim.stop("rounds")
+
+    def clock(self):
+        """Evaluate every ``eval.every_sim_s`` simulated seconds."""
+        period = self.s.eval.every_sim_s
+        while True:
+            yield self.sim.env.timeout(period)
+            self.evaluate()
+
+    def deadline(self):
+        yield self.sim.env.timeout(self.s.stop.sim_time_s)
+        self.sim.stop("sim_time_s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = False) -> RunResult:
+    """Run a validated scenario; write outputs to ``out_dir`` (if given) and return the result."""
+    host_start = _time.perf_counter()
+    if scenario.threads:
+        torch.set_num_threads(scenario.threads)
+    device = resolve_device(scenario.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scenario.yaml").write_text(to_yaml(scenario))
+        for stale in ("summary.json", "accuracy_vs_time.png"):
+            (out / stale).unlink(missing_ok=True)
+    spec = ALGORITHMS[scenario.algorithm.name]
+    recorder = Recorder(out)
+    time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
+    sim = Simulation(time_model, recorder, scenario.time.server.capacity)
+    status = "completed"
+    ctx = algo = ctl = None
+    try:
+        ctx = build_context(scenario, sim, device)
+        algo = spec.build(ctx)
+        ctl = _Controller(scenario, sim, algo, ctx, progress)
+        sim.on_round(ctl.on_round)
+        ctl.evaluate()  # the initial model, at time 0
+        env = sim.env
+        env.process(algo.process())
+        if scenario.eval.every_sim_s:
+            env.process(ctl.clock())
+        if scenario.stop.sim_time_s is not None:
+            env.process(ctl.deadline())
+        if not sim.stopping:
+            env.run(until=sim.stopped)
+        if ctl.last_eval_key != (sim.rounds_done, sim.now):
+            ctl.evaluate()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        log.warning("interrupted at simulated time %.3f s; keeping what was recorded", sim.now)
+        raise
+    finally:
+        if ctl is not None:
+            ctl.close()
+        recorder.close()
+        summary = _summary(scenario, sim, recorder, ctx, algo, status, _time.perf_counter() - host_start)
+        if out is not None and ctx is not None:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+            if recorder.metrics:
+                _plot(out, recorder, scenario)
+    return RunResult(summary, recorder, out, algo)
+
+
+def _plot(out: Path, recorder: Recorder, scenario: Scenario) -> None:
+    import pandas as pd
+
+    from analysis.plots import new_figure, plot_accuracy_vs_time
+
+    fig, ax = new_figure()
+    plot_accuracy_vs_time(ax, pd.DataFrame(recorder.metrics), label=scenario.algorithm.name)
+    ax.set_title(scenario.name)
+    if scenario.stop.target_accuracy:
+        ax.axhline(scenario.stop.target_accuracy, color="0.5", ls=":", lw=1, label="target")
+    ax.legend(loc="lower right")
+    fig.savefig(out / "accuracy_vs_time.png", dpi=120, bbox_inches="tight")
+
+
+def _versions() -> dict:
+    import numpy
+    import pandas
+    import pydantic
+    import simpy
+
+    try:
+        from importlib.metadata import version
+
+        sfl = version("sflsim")
+    except Exception:  # not installed (running from a checkout)
+        sfl = "unknown"
+    return {
+        "python": platform.python_version(), "sflsim": sfl, "torch": torch.__version__,
+        "simpy": getattr(simpy, "__version__", "unknown"), "numpy": numpy.__version__,
+        "pandas": pandas.__version__, "pydantic": pydantic.__version__,
+    }
+
+
+def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
+    last = recorder.metrics[-1] if recorder.metrics else {}
+    total = sim.now
+    busy = recorder.busy_time("server")
+    prof = ctx.profile if ctx is not None else None
+    summary = {
+        "scenario": scenario.name,
+        "algorithm": scenario.algorithm.name,
+        "seed": scenario.seed,
+        "status": status,
+        "stop_reason": sim.stop_reason,
+        "final_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("test_loss"),
+        "best_accuracy": max((m["test_accuracy"] for m in recorder.metrics), default=None),
+        "sim_time_s": total,
+        "rounds": sim.rounds_done,
+        "bytes_up": recorder.bytes_up,
+        "bytes_down": recorder.bytes_down,
+        "server_busy_s": busy,
+        "server_busy_fraction": (busy / total) if total > 0 else None,
+        "events": len(recorder.events),
+        "evaluations": len(recorder.metrics),
+        "host_runtime_s": host_s,
+        "threads": torch.get_num_threads(),
+        "device": str(ctx.device) if ctx is not None else None,
+        "clients": [
+            {"client": c, "flops_per_s": sim.time_model.client_speeds[c], "tier": sim.time_model.tiers[c],
+             "uplink_mbps": sim.time_model.uplink_bps[c] / 1e6, "downlink_mbps": sim.time_model.downlink_bps[c] / 1e6,
+             "samples": int(len(ctx.partitions[c])) if ctx is not None else None}
+            for c in range(len(sim.time_model.client_speeds))
+        ],
+        "profile": _profile_dict(prof),
+        "versions": _versions(),
+    }
+    if algo is not None and hasattr(algo, "summary_extra"):
+        summary.update(algo.summary_extra())
+    return _jsonable(summary)
+
+
+def _profile_dict(prof) -> Optional[dict]:
+    if prof is None:
+        return None
+    import dataclasses
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(prof).items()}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

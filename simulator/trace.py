@@ -1,0 +1,152 @@
+"""The Recorder: every charged span and every evaluation, buffered and written as CSV.
+
+Spans go to ``events.csv``, evaluations to ``metrics.csv`` (one line written and flushed per
+evaluation, so an interrupted run keeps every evaluation it made), and algorithm-specific
+per-round tables (``<name>.csv``) through ``table``. The recorder never decides what happens
+in a run; it only keeps what it is told, in the order it is told.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+EVENT_COLUMNS = (
+    "client", "party", "kind", "round", "seq", "start_s", "end_s", "wait_s", "flops", "nbytes",
+)
+METRIC_COLUMNS = (
+    "sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down",
+)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+class _CsvFile:
+    """An append-only CSV file whose header is written once."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        self.path, self.columns = path, columns
+        self._f = path.open("w", newline="")
+        self._w = csv.writer(self._f, lineterminator="\n")
+        self._w.writerow(columns)
+        self._f.flush()
+
+    def write(self, rows: list[tuple]) -> None:
+        self._w.writerows([[_cell(v) for v in r] for r in rows])
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class Recorder:
+    """Keeps spans, metrics and extra tables in memory and, with ``out_dir``, on disk."""
+
+    def __init__(self, out_dir: Optional[Path] = None, flush_every: int = 2000):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.events: list[tuple] = []
+        self.metrics: list[dict] = []
+        self.tables: dict[str, list[dict]] = {}
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._flush_every = flush_every
+        self._events_written = 0
+        self._tables_written: dict[str, int] = {}
+        self._files: dict[str, _CsvFile] = {}
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._files["events"] = _CsvFile(self.out_dir / "events.csv", EVENT_COLUMNS)
+            self._files["metrics"] = _CsvFile(self.out_dir / "metrics.csv", METRIC_COLUMNS)
+
+    # -- spans ---------------------------------------------------------------------------
+    def span(self, *, client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes) -> None:
+        """One charged operation, with the seconds it waited for the server before starting."""
+        self.events.append((client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes))
+        if party == "uplink":
+            self.bytes_up += nbytes
+        elif party == "downlink":
+            self.bytes_down += nbytes
+        if len(self.events) - self._events_written >= self._flush_every:
+            self.flush()
+
+    # -- metrics -------------------------------------------------------------------------
+    def metric(self, sim_time_s: float, round: Optional[int], test_accuracy: float, test_loss: float) -> dict:
+        """One evaluation of the global model; written to disk at once."""
+        row = {
+            "sim_time_s": float(sim_time_s),
+            "round": round,
+            "test_accuracy": float(test_accuracy),
+            "test_loss": float(test_loss),
+            "bytes_up": int(self.bytes_up),
+            "bytes_down": int(self.bytes_down),
+        }
+        self.metrics.append(row)
+        if "metrics" in self._files:
+            self._files["metrics"].write([tuple(row[c] for c in METRIC_COLUMNS)])
+        return row
+
+    # -- extra tables --------------------------------------------------------------------
+    def table(self, name: str, row: dict) -> None:
+        """A row of an algorithm-specific table ``<name>.csv`` (columns fixed by its first row)."""
+        rows = self.tables.setdefault(name, [])
+        if rows and list(row) != list(rows[0]):
+            raise ValueError(f"table {name}: columns {list(row)} differ from {list(rows[0])}")
+        rows.append(dict(row))
+
+    # -- disk ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what is buffered (events and tables) to disk."""
+        if self.out_dir is None:
+            self._events_written = len(self.events)
+            return
+        new = self.events[self._events_written :]
+        if new:
+            self._files["events"].write(new)
+        self._events_written = len(self.events)
+        for name, rows in self.tables.items():
+            if name not in self._files:
+                self._files[name] = _CsvFile(self.out_dir / f"{name}.csv", tuple(rows[0]))
+                self._tables_written[name] = 0
+            done = self._tables_written[name]
+            if len(rows) > done:
+                cols = self._files[name].columns
+                self._files[name].write([tuple(r[c] for c in cols) for r in rows[done:]])
+                self._tables_written[name] = len(rows)
+
+    def close(self) -> None:
+        """Flush and close every file."""
+        self.flush()
+        for f in self._files.values():
+            f.close()
+
+    # -- summaries -----------------------------------------------------------------------
+    def busy_time(self, party: str = "server") -> float:
+        """Seconds during which at least one span of ``party`` was running (union of spans)."""
+        spans = sorted((e[5], e[6]) for e in self.events if e[1] == party and e[6] > e[5])
+        total, cur_s, cur_e = 0.0, None, None
+        for s, e in spans:
+            if cur_e is None or s > cur_e:
+                if cur_e is not None:
+                    total += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        if cur_e is not None:
+            total += cur_e - cur_s
+        return total
+
+    def events_csv_text(self) -> str:
+        """The events table as CSV text (for tests and notebooks without an out_dir)."""
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(EVENT_COLUMNS)
+        w.writerows([[_cell(v) for v in r] for r in self.events])
+        return buf.getvalue()
