@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from simulator.errors import UserError
@@ -135,7 +137,14 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised via subprocess
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A terminated run (SIGTERM, e.g. from a batch system) keeps its outputs like Ctrl-C does.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

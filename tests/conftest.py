@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny scenarios that run in a second or two on the digits dataset."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+# Tests compare traces byte for byte: fix the thread count so float sums are ordered the same.
+torch.set_num_threads(1)
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "threads": 1,
+    "data": {"dataset": "digits", "num_clients": 4, "partition": "iid"},
+    "model": {"name": "mlp", "cut": 1},
+    "algorithm": {"name": "splitfed_v1", "batch_size": 16, "local_steps": 2, "lr_client": 0.1, "lr_server": 0.1},
+    "time": {
+        "client": {
+            "flops_per_s": {"dist": "uniform", "low": 1.0e6, "high": 4.0e6},
+            "delay_s": {"dist": "exponential", "mean": 0.05},
+        },
+        "server": {"flops_per_s": 1.0e8, "capacity": 1},
+    },
+    "eval": {"every_rounds": 1},
+    "stop": {"rounds": 2},
+}
+
+
+@pytest.fixture
+def tiny_raw() -> dict:
+    """A fresh copy of a tiny scenario mapping (digits, MLP, 4 clients, 2 rounds)."""
+    return copy.deepcopy(TINY)
