@@ -110,6 +110,7 @@ class _Controller:
     def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool):
         self.s, self.sim, self.algo, self.ctx = scenario, sim, algo, ctx
         self.last_eval_key = None
+        self.last_acc = float("nan")
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -122,6 +123,7 @@ class _Controller:
         acc, loss = self.algo.evaluate(self.ctx.data.x_test, self.ctx.data.y_test, ev.batch_size)
         row = self.sim.recorder.metric(self.sim.now, self.sim.rounds_done, acc, loss)
         self.last_eval_key = (self.sim.rounds_done, self.sim.now)
+        self.last_acc = acc
         if self.bar is not None:
             self.bar.set_postfix(sim_s=f"{self.sim.now:.1f}", acc=f"{acc:.4f}", refresh=False)
         target = self.s.stop.target_accuracy
@@ -134,7 +136,7 @@ class _Controller:
         self.sim.recorder.flush()
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(sim_s=f"{self.sim.now:.1f}", refresh=True)
+            self.bar.set_postfix(sim_s=f"{self.sim.now:.1f}", acc=f"{self.last_acc:.4f}", refresh=True)
         every = self.s.eval.every_rounds
         if every is not None and done % every == 0:
             self.evaluate()
