@@ -1,0 +1,63 @@
+"""Recorder: spans, metrics written at once, tables, busy time as a union of intervals."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from simulator.trace import EVENT_COLUMNS, Recorder
+
+
+def _span(rec, party, s, e, client=0, nbytes=0):
+    rec.span(client=client, party=party, kind="k", round=0, seq=0, start_s=s, end_s=e, wait_s=0.0,
+             flops=1.0, nbytes=nbytes)
+
+
+def test_metrics_are_on_disk_before_close(tmp_path):
+    """Each evaluation is written and flushed immediately (an interrupted run keeps it)."""
+    rec = Recorder(tmp_path)
+    rec.metric(1.5, 1, 0.5, 1.0)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("1.5,1,0.5,1.0")
+
+
+def test_events_flush_and_close(tmp_path):
+    """Spans are buffered and written on flush/close, with the documented columns."""
+    rec = Recorder(tmp_path, flush_every=3)
+    for i in range(4):
+        _span(rec, "uplink", i, i + 1, nbytes=10)
+    assert len((tmp_path / "events.csv").read_text().splitlines()) == 1 + 3  # auto-flushed at 3
+    rec.close()
+    with (tmp_path / "events.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == EVENT_COLUMNS and len(rows) == 4
+    assert rec.bytes_up == 40 and rec.bytes_down == 0
+
+
+def test_busy_time_is_a_union():
+    """Overlapping server spans are counted once; gaps are not counted."""
+    rec = Recorder()
+    _span(rec, "server", 0.0, 2.0)
+    _span(rec, "server", 1.0, 3.0)
+    _span(rec, "server", 5.0, 6.0)
+    _span(rec, "client", 0.0, 10.0)
+    assert rec.busy_time("server") == pytest.approx(4.0)
+
+
+def test_tables(tmp_path):
+    """Algorithm tables are written as <name>.csv; a row with other columns is refused."""
+    rec = Recorder(tmp_path)
+    rec.table("client_rounds", {"round": 0, "client": 1, "tau_used": 2})
+    rec.table("client_rounds", {"round": 0, "client": 2, "tau_used": 3})
+    with pytest.raises(ValueError):
+        rec.table("client_rounds", {"round": 0})
+    rec.close()
+    assert (tmp_path / "client_rounds.csv").read_text().splitlines() == ["round,client,tau_used", "0,1,2", "0,2,3"]
+
+
+def test_none_is_an_empty_cell(tmp_path):
+    """A server-only span has an empty client cell."""
+    rec = Recorder(tmp_path)
+    _span(rec, "server", 0.0, 1.0, client=None)
+    rec.close()
+    assert (tmp_path / "events.csv").read_text().splitlines()[1].startswith(",server,")
