@@ -218,7 +218,7 @@ def _plot(out: Path, recorder: Recorder, scenario: Scenario) -> None:
     plot_accuracy_vs_time(ax, pd.DataFrame(recorder.metrics), label=scenario.algorithm.name)
     ax.set_title(scenario.name)
     if scenario.stop.target_accuracy:
-        ax.axhline(scenario.stop.target_accuracy, color="0.5", ls=":", lw=1, label="target")
+        ax.axhline(100 * scenario.stop.target_accuracy, color="0.5", ls=":", lw=1, label="target")
     ax.legend(loc="lower right")
     fig.savefig(out / "accuracy_vs_time.png", dpi=120, bbox_inches="tight")
 
