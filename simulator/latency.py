@@ -18,7 +18,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 
 from simulator import rng
-from simulator.config import Distribution, as_distribution
+from simulator.config import Distribution, Uniform, as_distribution
 from simulator.errors import CostError, ScenarioError
 
 #: Operation categories. ``category_of(kind)`` maps every op kind to one of these.
@@ -224,7 +224,7 @@ class TimeModel:
 
 def draw_client_speeds(time_cfg, num_clients: int, seed: int) -> tuple[list[float], list[str]]:
     """Device FLOP/s per client: a draw per client, times its tier's speed factor."""
-    dist = as_distribution(time_cfg.client.flops_per_s)
+    dist = _speed_distribution(time_cfg)
     speeds = [dist.sample(rng.generator(seed, "time", "speed", c)) for c in range(num_clients)]
     tier_of = assign_tiers(time_cfg.client.tiers, num_clients, seed)
     factors = {t.name: t.speed_factor for t in time_cfg.client.tiers}
@@ -296,6 +296,54 @@ def read_trace_csv(path: str, num_clients: int) -> list[tuple]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# The gas_wireless preset: the clock of the GAS public code (Yang & Liu, AAAI 2025)
+# --------------------------------------------------------------------------------------------
+#: GAS_main.py: W = 10 MHz, P = 0.2 W, N0 = 3.981e-21 W/Hz, d ~ U(0.1, 1) km, FLOP/s ~ U(1e9, 1e10).
+GAS_WIRELESS = {
+    "bandwidth_hz": 1e7, "power_w": 0.2, "noise_w_per_hz": 3.981e-21,
+    "distance_km": (0.1, 1.0), "flops_per_s": (1e9, 1e10),
+}
+
+
+def path_loss_db(distance_km: float) -> float:
+    """128.1 + 37.6 log10(d / km): the urban macro-cell path loss the GAS code uses."""
+    return 128.1 + 37.6 * math.log10(distance_km)
+
+
+def shannon_rate_bps(distance_km: float, bandwidth_hz: float = 1e7, power_w: float = 0.2,
+                     noise_w_per_hz: float = 3.981e-21) -> float:
+    """W log2(1 + P g / (W N0)), g = 10^(-PL/10): GAS_main.py's ``rates`` (the noise power is N0 W)."""
+    gain = 10.0 ** (-path_loss_db(distance_km) / 10.0)
+    return bandwidth_hz * math.log2(1.0 + power_w * gain / (bandwidth_hz * noise_w_per_hz))
+
+
+def gas_wireless_distances(num_clients: int, seed: int) -> list[float]:
+    """Client distances to the base station in km, U(0.1, 1), keyed (seed, "time", "gas_distance", c)."""
+    lo, hi = GAS_WIRELESS["distance_km"]
+    return [float(rng.generator(seed, "time", "gas_distance", c).uniform(lo, hi)) for c in range(num_clients)]
+
+
+def gas_wireless_rates(num_clients: int, seed: int) -> list[float]:
+    """Per-client link rate (bit/s) of the gas_wireless preset, used for uplink and downlink."""
+    p = GAS_WIRELESS
+    return [shannon_rate_bps(d, p["bandwidth_hz"], p["power_w"], p["noise_w_per_hz"])
+            for d in gas_wireless_distances(num_clients, seed)]
+
+
+def _speed_distribution(time_cfg) -> Distribution:
+    """time.client.flops_per_s, or U(1e9, 1e10) under the gas_wireless preset (which owns it)."""
+    user = as_distribution(time_cfg.client.flops_per_s)
+    if getattr(time_cfg.network, "preset", None) != "gas_wireless":
+        return user
+    default = as_distribution(type(time_cfg.client).model_fields["flops_per_s"].default)
+    if user != default:
+        raise ScenarioError("time.client.flops_per_s", "the gas_wireless preset draws device speeds "
+                            "(U(1e9, 1e10) FLOP/s); remove flops_per_s or the preset (tiers still apply)")
+    lo, hi = GAS_WIRELESS["flops_per_s"]
+    return Uniform(dist="uniform", low=lo, high=hi)
+
+
 def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
     """Base models from the scenario's ``time`` section, wrapped by its episodes and trace."""
     speeds, tier_of = draw_client_speeds(time_cfg, num_clients, seed)
@@ -303,6 +351,11 @@ def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
     down_bps = [m * 1e6 for m in _per_client(time_cfg.network.downlink.bandwidth_mbps, num_clients, seed, "downlink_bw")]
     up_lat = _per_client(time_cfg.network.uplink.latency_s, num_clients, seed, "uplink_latency")
     down_lat = _per_client(time_cfg.network.downlink.latency_s, num_clients, seed, "downlink_latency")
+    if getattr(time_cfg.network, "preset", None) == "gas_wireless":
+        up_bps = gas_wireless_rates(num_clients, seed)
+        down_bps = list(up_bps)
+        up_lat = [0.0] * num_clients
+        down_lat = [0.0] * num_clients
     for c in range(num_clients):
         if not speeds[c] > 0:
             raise ScenarioError("time.client.flops_per_s", f"client {c} drew a device speed of {speeds[c]}; must be > 0")

@@ -100,6 +100,15 @@ class NetworkConfig(Strict):
 
     uplink: LinkConfig = LinkConfig()
     downlink: LinkConfig = LinkConfig()
+    preset: Optional[Literal["gas_wireless"]] = Field(
+        None, description="gas_wireless: the GAS code's clock (Shannon-rate links, d ~ U(0.1, 1) km, "
+                          "client FLOP/s ~ U(1e9, 1e10)); replaces uplink, downlink and client.flops_per_s.")
+
+    @model_validator(mode="after")
+    def _preset_owns_links(self) -> "NetworkConfig":
+        if self.preset is not None and (self.uplink != LinkConfig() or self.downlink != LinkConfig()):
+            raise ValueError(f"preset {self.preset} sets both links; remove uplink/downlink (or the preset)")
+        return self
 
 
 class _Episode(Strict):

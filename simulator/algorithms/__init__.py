@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from simulator.algorithms import splitfed
+from simulator.algorithms import mu_splitfed
+from simulator.algorithms import gas
 
 
 @dataclass(frozen=True)
@@ -27,4 +29,10 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
                                  "SplitFed V1, first-order: a server copy per client, averaged each round"),
     "splitfed_v2": AlgorithmSpec("splitfed_v2", splitfed.SplitFedV2Config, splitfed.build_v2,
                                  "SplitFed V2, first-order: one shared server model, arrival order"),
+    "mu_splitfed": AlgorithmSpec("mu_splitfed", mu_splitfed.MUSplitFedConfig, mu_splitfed.build,
+                                 "MU-SplitFed: ZO clients, tau server steps per client filling idle time"),
+    "splitfed_zo": AlgorithmSpec("splitfed_zo", mu_splitfed.SplitFedZOConfig, mu_splitfed.build,
+                                 "SplitFed, zeroth-order (the MU-SplitFed paper's vanilla): MU-SplitFed with tau 1"),
+    "gas": AlgorithmSpec("gas", gas.GASConfig, gas.build,
+                         "GAS: asynchronous SFL with activation/model buffers and generated activations"),
 }

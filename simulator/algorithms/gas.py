@@ -1,0 +1,503 @@
+"""GAS: generative activation-aided asynchronous split federated learning.
+
+Jiarong Yang and Yuan Liu, "GAS: Generative Activation-Aided Asynchronous Split Federated
+Learning", AAAI 2025 (arXiv 2409.01251), and its public code (github.com/eejiarong/GAS,
+``GAS_main.py``). What follows is algorithms.md's "GAS" section, line by line:
+
+- K clients, C of them active. Each active client loops E times (code: 20): minibatch ->
+  forward -> send h and labels -> the Split Server at once computes dL/dh with its CURRENT model
+  and the client's logit-adjusted loss CE(s + log p_k(y), y) -> client backward and step. Then
+  the client uploads its model and is replaced by a client drawn uniformly from the inactive
+  ones. There is no round barrier: every slot is its own SimPy process.
+- Activation buffer: each arriving (h, y) is stored with a weight that grows with training
+  progress. When Q_s minibatches are in it, the server (a) merges per-class Gaussian statistics
+  of the flattened activations, (b) tops up every class with fewer than B real activations to
+  B with samples from its Gaussian (once every class has statistics), (c) takes ONE SGD step
+  with plain CE on real + generated activations, (d) clears the buffer.
+- Model buffer: when Q_c client models have arrived, the global client model becomes their
+  average; that is one global iteration (``sim.end_round``; the runner evaluates there).
+
+Quirks of the public code, each an option; the default follows the paper where they disagree
+(docs/gas.md has the table): ``client_momentum`` (code: all clients share ONE momentum buffer),
+``weight_growth`` (code: the base weight of a new client grows by the cumulative number of server
+updates at every global iteration, faster than the paper's s(n) = n), ``merge_ridge`` (code: 1e-5
+I added at every merge), ``aggregation`` (code: equal weights; paper: data size),
+``truncate_to_batch`` (code: classes with more than B real activations are cut to B when
+generating; algorithms.md and the paper describe only the top-up).
+
+Choices where the sources are silent: an activation's weight in ``paper`` mode is n = the
+1-based index of the server update whose buffer it joins; the server's statistics merge and
+generation run when the buffer fills (they depend on nothing the clock could change) and are
+charged with the server step that uses them; with ``generate: false`` no statistics are kept
+(the code computes them and never uses them); a client starting (or restarting) takes the
+global client model as it is when its download starts, with fresh momentum in ``per_client``
+mode. The engine is the only place that knows the clock; this module never prices anything.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from simulator import rng
+from simulator.algorithms.common import (
+    ClientBatches,
+    Params,
+    RunContext,
+    aggregate,
+    aggregation_flops,
+    batch_tensors,
+    clone,
+    evaluate,
+    forward,
+    leaf,
+    num_params,
+    params_of,
+    sgd_step,
+)
+from simulator.config import NonNegFloat, PosFloat, PosInt, Strict
+from simulator.errors import ScenarioError
+from simulator.gaussian_stats import GaussianStats, top_up_counts
+from simulator.latency import DOWNLINK, UPLINK
+
+log = logging.getLogger(__name__)
+
+
+class GASConfig(Strict):
+    """GAS (Yang & Liu, AAAI 2025). Defaults are the public code's settings for Fashion-MNIST."""
+
+    name: Literal["gas"]
+    batch_size: PosInt = Field(32, description="Minibatch size B; also the per-class target of the top-up.")
+    active_clients: PosInt = Field(10, description="Active clients C (at most data.num_clients).")
+    local_steps: PosInt = Field(20, description="Local iterations E before a client uploads and is replaced.")
+    activation_buffer: Optional[PosInt] = Field(
+        None, description="Q_s: minibatches per server update (null: active_clients, as the code).")
+    model_buffer: Optional[PosInt] = Field(
+        None, description="Q_c: client models per global iteration (null: active_clients, as the code).")
+    lr_client: PosFloat = Field(0.01, description="Client learning rate.")
+    lr_server: PosFloat = Field(0.01, description="Server learning rate.")
+    momentum: NonNegFloat = Field(0.9, lt=1, description="SGD momentum (client FO steps and server).")
+    weight_decay: NonNegFloat = Field(5e-4, description="SGD weight decay (client FO steps and server).")
+    clip_norm: Optional[PosFloat] = Field(10.0, description="Clip client and server gradients to this norm (null: no clipping).")
+    logit_adjustment: bool = Field(True, description="Client loss CE(s + log p_k(y), y) with p_k the client's label frequencies.")
+    generate: bool = Field(True, description="Generate activations (false: the plain asynchronous SFL baseline).")
+    covariance: Literal["full", "diagonal"] = Field(
+        "full", description="Per-class covariance: full (the code for AlexNet) or diagonal (large activations).")
+    stats_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the statistics and factors.")
+    client_optimizer: Literal["fo", "zo"] = Field(
+        "fo", description="fo: backprop of dL/dh (GAS); zo: two-point ZO client steps (MU-SplitFed's GAS variant).")
+    zo_lam: PosFloat = Field(0.005, description="ZO smoothing radius lambda (client_optimizer: zo).")
+    zo_perturbations: PosInt = Field(1, description="ZO perturbations P per client step (client_optimizer: zo).")
+    zo_direction: Literal["sphere", "gaussian"] = Field("sphere", description="ZO direction distribution.")
+    # ---- quirks of the public code (default = the paper's reading) -------------------------
+    client_momentum: Literal["per_client", "shared"] = Field(
+        "per_client", description="Client momentum: per_client (fresh per activation) or shared (code: one buffer for all).")
+    weight_growth: Literal["paper", "code"] = Field(
+        "paper", description="Activation weights: paper s(n) = n (server update index) or the code's counters.")
+    merge_ridge: NonNegFloat = Field(0.0, description="Ridge added to the covariance at every merge (code: 1e-5).")
+    aggregation: Literal["data_size", "equal"] = Field(
+        "data_size", description="Model-buffer average: data_size (paper) or equal (code).")
+    truncate_to_batch: bool = Field(
+        False, description="When generating, cut classes with more than B real activations to B (code: true).")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure steps: tensors in, tensors out
+# --------------------------------------------------------------------------------------------
+def label_log_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log p_k(y) of a client's labels, as the code: log(frequency + 1e-12) (tau = 1)."""
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_classes).to(torch.float64)
+    return torch.log(counts / counts.sum() + 1e-12).to(torch.float32)
+
+
+def la_gradient(module, params: Params, h: torch.Tensor, y: torch.Tensor,
+                log_prior: Optional[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """dL/dh of L = mean CE(server(h) + log_prior, y) at the given (unchanged) server params."""
+    h = h.detach().requires_grad_(True)
+    logits = forward(module, params, h)
+    if log_prior is not None:
+        logits = logits + log_prior.to(logits.device)
+    loss = F.cross_entropy(logits, y)
+    (dh,) = torch.autograd.grad(loss, h)
+    return dh, float(loss.detach())
+
+
+def la_loss(module, params: Params, h: torch.Tensor, y: torch.Tensor, log_prior: Optional[torch.Tensor]) -> float:
+    """The client's logit-adjusted loss at h (no graph): used by ZO client steps."""
+    with torch.no_grad():
+        logits = forward(module, params, h)
+        if log_prior is not None:
+            logits = logits + log_prior.to(logits.device)
+        return float(F.cross_entropy(logits, y))
+
+
+def client_fo_step(params: Params, p_leaf: Params, h: torch.Tensor, dh: torch.Tensor, cfg, buffers: dict) -> None:
+    """Backpropagate dL/dh through the client graph that made h; clipped SGD step in place."""
+    grads = torch.autograd.grad(h, list(p_leaf.values()), grad_outputs=dh)
+    sgd_step(params, dict(zip(p_leaf, grads)), cfg.lr_client, cfg.momentum, cfg.weight_decay, buffers,
+             clip_norm=cfg.clip_norm)
+
+
+def server_sgd_step(module, params: Params, h: torch.Tensor, y: torch.Tensor, cfg, buffers: dict) -> float:
+    """ONE server step with plain CE on (h, y) (real + generated); returns the loss."""
+    p = leaf(params)
+    loss = F.cross_entropy(forward(module, p, h.detach()), y)
+    grads = torch.autograd.grad(loss, list(p.values()))
+    sgd_step(params, dict(zip(p, grads)), cfg.lr_server, cfg.momentum, cfg.weight_decay, buffers,
+             clip_norm=cfg.clip_norm)
+    return float(loss.detach())
+
+
+@dataclass
+class TopUp:
+    """A server batch after the top-up: activations, labels and what was generated."""
+
+    h: torch.Tensor
+    y: torch.Tensor
+    real: int
+    generated: int
+    factor_attempts: int = 0
+    jitter_max: float = 0.0
+    factorised: list = field(default_factory=list)
+
+
+def top_up(h: torch.Tensor, y: torch.Tensor, stats: GaussianStats, batch_size: int, seed: int, step: int,
+           truncate: bool = False) -> TopUp:
+    """Fill every class below ``batch_size`` real activations with draws from its Gaussian.
+
+    Classes at or above B keep all their real activations (``truncate``: the code's first B of
+    them). Real activations come first, in buffer order; then, class by class, the generated
+    ones, drawn with the keyed generator (seed, "algo", "gas_generate", step, class). Needs
+    statistics for every class that gets samples.
+    """
+    shape = h.shape[1:]
+    counts = torch.bincount(y.cpu(), minlength=stats.num_classes).tolist()
+    keep = torch.ones(len(y), dtype=torch.bool)
+    if truncate:
+        for c, n in enumerate(counts):
+            if n > batch_size:
+                idx = torch.nonzero(y.cpu() == c).flatten()
+                keep[idx[batch_size:]] = False
+    keep = keep.to(y.device)
+    parts_h, parts_y = [h[keep]], [y[keep]]
+    out = TopUp(h, y, int(keep.sum()), 0)
+    for c, need in enumerate(top_up_counts(counts, batch_size)):
+        if need == 0:
+            continue
+        g = rng.torch_generator(seed, "algo", "gas_generate", step, c)
+        sampled, report = stats.sample(c, need, g)
+        if report is not None:
+            out.factor_attempts += report.attempts
+            out.jitter_max = max(out.jitter_max, report.jitter)
+            out.factorised.append(c)
+        parts_h.append(sampled.to(h.dtype).reshape(need, *shape).to(h.device))
+        parts_y.append(torch.full((need,), c, dtype=y.dtype, device=y.device))
+        out.generated += need
+    out.h, out.y = torch.cat(parts_h), torch.cat(parts_y)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# State (data) and the SimPy processes
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ServerJob:
+    """A full activation buffer, prepared (statistics merged, top-up drawn) and waiting to run."""
+
+    step: int
+    trigger_s: float
+    h: torch.Tensor
+    y: torch.Tensor
+    real: int
+    generated: int
+    stats_flops: float
+    classes_updated: int
+    factorisations: int
+    factor_attempts: int
+    jitter_max: float
+    weight_min: float
+    weight_max: float
+    clients: str
+    stats_classes: int
+
+
+class GAS:
+    """GAS as SimPy processes: one per active slot, one per server update, no rounds."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx, self.cfg = ctx, ctx.cfg
+        cfg, parts, prof = ctx.cfg, ctx.parts, ctx.profile
+        k = ctx.num_clients
+        if cfg.active_clients > k:
+            raise ScenarioError("algorithm.active_clients",
+                                f"{cfg.active_clients} active clients but data.num_clients is {k}")
+        if hasattr(parts, "aux"):
+            raise ScenarioError("algorithm.name", "gas needs a model whose server part takes only h "
+                                "(generated activations carry no auxiliary inputs)")
+        self.q_s = cfg.activation_buffer or cfg.active_clients
+        self.q_c = cfg.model_buffer or cfg.active_clients
+        if cfg.client_optimizer == "zo":
+            from simulator import zo  # noqa: F401  (fails loudly if the ZO estimator is missing)
+
+            self.zo = zo
+        self.client_global: Params = params_of(parts.client)
+        self.server: Params = params_of(parts.server)
+        self.server_buffers: dict = {}
+        self.shared_client_buffers: dict = {}
+        self.batches = ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed)
+        self.num_classes = int(ctx.data.num_classes)
+        y_train = ctx.data.y_train
+        self.log_priors = [
+            label_log_prior(y_train[torch.as_tensor(p, dtype=torch.long)], self.num_classes).to(ctx.device)
+            if cfg.logit_adjustment else None
+            for p in ctx.partitions
+        ]
+        self.sizes = [len(p) for p in ctx.partitions]
+        self.act_shape = tuple(prof.activation_shape[1:])
+        self.dim = int(math.prod(self.act_shape))
+        dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+        self.stats = GaussianStats(self.num_classes, self.dim, cfg.covariance, dtype, cfg.merge_ridge)
+        self.client_n = num_params(self.client_global)
+        # ---- counters (state is data) --------------------------------------------------
+        self.act_buffer: list = []  # (h, y, weight, client), in arrival order
+        self.model_buffer: list = []  # (client, params, iteration the client started from)
+        self.iteration = 0  # global iterations done
+        self.updates_triggered = 0  # server updates whose buffer has filled
+        self.updates_done = 0
+        self.client_iterations = 0
+        self.replacements = 0
+        self.real_total = 0
+        self.generated_total = 0
+        self.total_weight = 1.0  # the code's total_weight_count (weight_growth: code)
+        self.active: list[int] = []
+        self.server_losses: list[float] = []
+
+    # ---- evaluation (free) ------------------------------------------------------------------
+    def evaluate(self, x, y, batch_size):
+        return evaluate(self.ctx.parts, self.client_global, self.server, x, y, batch_size, self.ctx.device)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def process(self):
+        """Draw the first C clients and start one process per slot, in sorted order."""
+        ctx, sim, cfg = self.ctx, self.ctx.sim, self.cfg
+        first = rng.generator(ctx.seed, "algo", "gas_initial").choice(ctx.num_clients, cfg.active_clients, replace=False)
+        self.active = sorted(int(c) for c in first)
+        for j, c in enumerate(list(self.active)):
+            sim.env.process(self.client_slot(j, c))
+        yield sim.stopped
+
+    def client_slot(self, j: int, client: int):
+        """Slot j: its client runs E local iterations, uploads, and is replaced; forever."""
+        sim, cfg = self.ctx.sim, self.cfg
+        prof = self.ctx.profile
+        weight = 1.0  # the code's per-client counter; the first clients start at 1
+        while not sim.stopping:
+            start_it = self.iteration
+            params = clone(self.client_global)  # what the server sends when the download starts
+            # Fed Server -> client: the global client model.
+            yield from sim.send(client, DOWNLINK, "model_down", prof.client_param_bytes, start_it)
+            buffers = self.shared_client_buffers if cfg.client_momentum == "shared" else {}
+            for _ in range(cfg.local_steps):
+                if sim.stopping:
+                    return
+                if cfg.client_optimizer == "zo":
+                    yield from self.zo_iteration(client, params, weight)
+                else:
+                    yield from self.fo_iteration(client, params, buffers, weight)
+                weight += 1.0
+                self.client_iterations += 1
+            # Client -> Fed Server: the updated client model, into the model buffer.
+            yield from sim.send(client, UPLINK, "model_up", prof.client_param_bytes, self.iteration)
+            self.model_buffer.append((client, params, start_it))
+            if len(self.model_buffer) >= self.q_c:
+                yield from self.aggregate()
+            if sim.stopping:
+                return
+            client = self.replace(j, client)
+            weight = self.total_weight
+
+    # ---- one local iteration, first-order (GAS) -----------------------------------------------
+    def fo_iteration(self, client: int, params: Params, buffers: dict, weight: float):
+        ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
+        idx = self.batches.next(client)
+        scale = len(idx) / cfg.batch_size
+        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        it = self.iteration
+        yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
+        p = leaf(params)
+        h = forward(ctx.parts.client, p, x)
+        # Client -> Split Server: h and labels.
+        yield from sim.send(client, UPLINK, "activation", int((prof.activation_bytes + prof.label_bytes) * scale), it)
+        # The server computes dL/dh at once with its CURRENT model (it competes with updates).
+        yield from sim.serve("server_gradient",
+                             (prof.server_forward_flops + prof.server_backward_flops) * scale, client, it)
+        dh, _ = la_gradient(ctx.parts.server, self.server, h.detach(), y, self.log_priors[client])
+        self.store(h.detach(), y, weight, client)
+        # Split Server -> client: dL/dh; client backward and step.
+        yield from sim.send(client, DOWNLINK, "gradient", int(prof.activation_bytes * scale), it)
+        yield from sim.compute(client, "client_backward", prof.client_backward_flops * scale, it)
+        client_fo_step(params, p, h, dh, cfg, buffers)
+
+    # ---- one local iteration, zeroth-order (MU-SplitFed's GAS variant) ------------------------
+    def zo_iteration(self, client: int, params: Params, weight: float):
+        """h, then P pairs h(x +- lam u) on the same batch; the server returns P loss differences.
+
+        The server evaluates the client's logit-adjusted loss at the perturbed activations with
+        its current model; the client steps x -= lr * (1/P) sum_p (f+ - f-)/(2 lam) u_p. Plain
+        ZO-SGD (no momentum, weight decay or clipping on the client), as MU-SplitFed runs it.
+        """
+        ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
+        zo = self.zo
+        idx = self.batches.next(client)
+        scale = len(idx) / cfg.batch_size
+        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        it = self.iteration
+        n_p = cfg.zo_perturbations
+        k = self.client_iterations
+        yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
+        with torch.no_grad():
+            h = forward(ctx.parts.client, params, x)
+        yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale, it)
+        yield from sim.send(client, UPLINK, "activation",
+                            int(((1 + 2 * n_p) * prof.activation_bytes + prof.label_bytes) * scale), it)
+        # The server evaluates the loss at the 2P perturbed activations with its current model.
+        yield from sim.serve("server_zo_eval", 2 * n_p * prof.server_forward_flops * scale, client, it)
+        self.store(h, y, weight, client)
+        server, prior, parts = self.server, self.log_priors[client], ctx.parts
+
+        def loss_fn() -> float:  # the split forward: client part on x, server loss on its output
+            return la_loss(parts.server, server, forward(parts.client, params, x), y, prior)
+
+        tensors = list(params.values())
+        seeds = [zo.zo_seed(ctx.seed, "gas", client, k, p) for p in range(n_p)]
+        diffs = [zo.zo_probe(tensors, loss_fn, cfg.zo_lam, s, cfg.zo_direction) for s in seeds]
+        # Split Server -> client: P scalars (fp32); the client regenerates u_p and steps.
+        yield from sim.send(client, DOWNLINK, "zo_scalars", 4 * n_p, it)
+        yield from sim.compute(client, "client_zo_update", 2 * n_p * self.client_n, it)
+        zo.zo_update_(tensors, seeds, [d / (2 * cfg.zo_lam) for d in diffs], cfg.lr_client, cfg.zo_direction)
+
+    # ---- the activation buffer -----------------------------------------------------------------
+    def activation_weight(self, weight: float) -> float:
+        """paper: s(n) = n, n = 1-based index of the server update this buffer feeds."""
+        return float(self.updates_triggered + 1) if self.cfg.weight_growth == "paper" else float(weight)
+
+    def store(self, h: torch.Tensor, y: torch.Tensor, weight: float, client: int) -> None:
+        """Put (h, y, weight) in the buffer; a full buffer is prepared and its update started."""
+        self.act_buffer.append((h, y, self.activation_weight(weight), client))
+        if len(self.act_buffer) >= self.q_s:
+            entries, self.act_buffer = self.act_buffer, []
+            job = self.prepare(entries)
+            self.ctx.sim.env.process(self.server_update(job))
+
+    def prepare(self, entries: list) -> ServerJob:
+        """(a) merge statistics, (b) top up classes below B: real work, priced in the job."""
+        cfg = self.cfg
+        self.updates_triggered += 1
+        step = self.updates_triggered
+        h = torch.cat([e[0] for e in entries])
+        y = torch.cat([e[1] for e in entries])
+        w = torch.cat([torch.full((len(e[1]),), e[2], dtype=torch.float64) for e in entries])
+        flops, updated, generated = 0.0, [], None
+        if cfg.generate:
+            counts = torch.bincount(y.cpu(), minlength=self.num_classes).tolist()
+            updated = self.stats.update(h.reshape(len(y), -1), y, w.to(h.device))
+            flops += sum(self.stats.update_flops(counts[c]) for c in updated)
+            if self.stats.all_ready():
+                generated = top_up(h, y, self.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
+                flops += generated.factor_attempts * self.stats.factor_flops()
+                flops += self.stats.sample_flops(generated.generated)
+        if generated is None:
+            generated = TopUp(h, y, len(y), 0)
+        self.real_total += generated.real
+        self.generated_total += generated.generated
+        return ServerJob(
+            step=step, trigger_s=float(self.ctx.sim.now), h=generated.h, y=generated.y,
+            real=generated.real, generated=generated.generated, stats_flops=flops,
+            classes_updated=len(updated), factorisations=len(generated.factorised),
+            factor_attempts=generated.factor_attempts, jitter_max=generated.jitter_max,
+            weight_min=float(w.min()), weight_max=float(w.max()),
+            clients=" ".join(str(e[3]) for e in entries), stats_classes=len(self.stats.classes),
+        )
+
+    def server_update(self, job: ServerJob):
+        """(c) ONE server SGD step on real + generated, queued for the server like any job."""
+        sim, cfg, prof = self.ctx.sim, self.cfg, self.ctx.profile
+        n = len(job.y)
+        sgd_flops = (prof.server_forward_flops + prof.server_backward_flops) * n / cfg.batch_size
+        start = sim.now
+        yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.iteration)
+        loss = server_sgd_step(self.ctx.parts.server, self.server, job.h, job.y, cfg, self.server_buffers)
+        self.updates_done += 1
+        self.server_losses.append(loss)
+        sim.recorder.table("gas_server_steps", {
+            "step": job.step, "trigger_s": job.trigger_s, "start_s": start, "end_s": float(sim.now),
+            "iteration": self.iteration, "clients": job.clients, "real": job.real,
+            "generated": job.generated, "stats_classes": job.stats_classes, "classes_updated": job.classes_updated,
+            "factorisations": job.factorisations, "factor_attempts": job.factor_attempts,
+            "jitter_max": job.jitter_max, "weight_min": job.weight_min, "weight_max": job.weight_max,
+            "stats_flops": job.stats_flops, "loss": loss,
+        })
+
+    # ---- the model buffer and replacement --------------------------------------------------------
+    def aggregate(self):
+        """Q_c models are in: the global client model becomes their average (one global iteration)."""
+        sim, cfg, ctx = self.ctx.sim, self.cfg, self.ctx
+        entries, self.model_buffer = self.model_buffer[: self.q_c], self.model_buffer[self.q_c:]
+        it = self.iteration
+        yield from sim.fed("aggregate_client", aggregation_flops(self.client_n, len(entries)), it)
+        if cfg.aggregation == "data_size":
+            weights = [float(self.sizes[c]) for c, _, _ in entries]
+        else:
+            weights = [1.0] * len(entries)
+        self.client_global = aggregate(self.client_global, [p for _, p, _ in entries], weights)
+        if cfg.weight_growth == "code":
+            self.total_weight += self.updates_triggered  # code: total_weight_count += local_epoch
+        self.iteration += 1
+        staleness = [it - s for _, _, s in entries]
+        sim.recorder.table("gas_iterations", {
+            "iteration": it, "sim_time_s": float(sim.now), "clients": " ".join(str(c) for c, _, _ in entries),
+            "mean_staleness": sum(staleness) / len(staleness), "max_staleness": max(staleness),
+            "server_updates_done": self.updates_done, "server_updates_triggered": self.updates_triggered,
+            "client_iterations": self.client_iterations, "real_total": self.real_total,
+            "generated_total": self.generated_total, "replacements": self.replacements,
+        })
+        sim.end_round(it)
+
+    def replace(self, j: int, client: int) -> int:
+        """A client drawn uniformly from the inactive ones takes slot j (the same one if none)."""
+        inactive = [c for c in range(self.ctx.num_clients) if c not in self.active]
+        if inactive:
+            g = rng.generator(self.ctx.seed, "algo", "gas_replace", self.replacements)
+            client = inactive[int(g.integers(len(inactive)))]
+        self.replacements += 1
+        self.active[j] = client
+        return client
+
+    # ---- the run's summary ---------------------------------------------------------------------
+    def summary_extra(self) -> dict:
+        s = self.stats
+        return {"gas": {
+            "global_iterations": self.iteration,
+            "server_updates_done": self.updates_done,
+            "server_updates_triggered": self.updates_triggered,
+            "client_iterations": self.client_iterations,
+            "replacements": self.replacements,
+            "real_activations": self.real_total,
+            "generated_activations": self.generated_total,
+            "factorisations": s.factorisations,
+            "failed_factorisations": s.failed_factorisations,
+            "classes_with_statistics": len(s.classes),
+            "activation_dim": self.dim,
+            "activation_buffer": self.q_s,
+            "model_buffer": self.q_c,
+            "last_server_loss": self.server_losses[-1] if self.server_losses else None,
+        }}
+
+
+def build(ctx: RunContext) -> GAS:
+    return GAS(ctx)

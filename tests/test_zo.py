@@ -1,0 +1,170 @@
+"""Tests of simulator.zo: the seeded in-place ZO estimator (MeZO trick)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from simulator import rng, zo
+
+# A quadratic F(x) = 1/2 x^T A x + b^T x: the central difference is exact for it, so the only
+# randomness of the estimate is the direction, and its variance has a closed form.
+A = torch.tensor([[2.0, 0.5, 0.0, 0.0], [0.5, 1.0, 0.0, 0.2], [0.0, 0.0, 3.0, 0.0], [0.0, 0.2, 0.0, 0.5]],
+                 dtype=torch.float64)
+B = torch.tensor([1.0, -1.0, 0.5, 0.25], dtype=torch.float64)
+X0 = torch.tensor([0.3, 0.2, -0.1, 0.4], dtype=torch.float64)
+
+
+def quad(x: torch.Tensor) -> float:
+    return float(0.5 * x @ A @ x + B @ x)
+
+
+def _per_component_variance(g: torch.Tensor, direction: str, P: int) -> torch.Tensor:
+    """Variance of each component of one P-direction estimate g_hat = (1/P) sum (u^T g) u."""
+    # Gaussian u: E[(u^T g)^2 u_i^2] = |g|^2 + 2 g_i^2, so Var_i = (|g|^2 + g_i^2) / P.
+    # Sphere of radius sqrt(d): u = sqrt(d) v, E[v_i^4] = 3/(d(d+2)), E[v_i^2 v_j^2] = 1/(d(d+2)),
+    # so E[(u^T g)^2 u_i^2] = d/(d+2) (|g|^2 + 2 g_i^2) and Var_i = that - g_i^2, over P.
+    d = g.numel()
+    n2 = float(g @ g)
+    if direction == "gaussian":
+        return (n2 + g**2) / P
+    return (d / (d + 2) * (n2 + 2 * g**2) - g**2) / P
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+@pytest.mark.parametrize("P", [1, 3])
+def test_estimator_mean_approaches_true_gradient(direction, P):
+    """The mean of many SPSA estimates of a quadratic's gradient is within 4.5 sigma of it."""
+    N = 300
+    g_true = A @ X0 + B
+    est = torch.stack([zo.spsa_gradient(quad, X0, 0.01, P, direction, seed=i) for i in range(N)])
+    var = _per_component_variance(g_true, direction, P)
+    sigma_of_mean = torch.sqrt(var / N)
+    err = (est.mean(0) - g_true).abs()
+    assert torch.all(err <= 4.5 * sigma_of_mean), (err, sigma_of_mean)
+    # The spread itself matches the closed form (within sampling error of a variance, N=300).
+    ratio = est.var(0) / var
+    assert torch.all((ratio > 0.6) & (ratio < 1.5)), ratio
+
+
+def test_more_perturbations_reduce_variance():
+    """P = 4 gives about a quarter of the variance of P = 1 (same total of 400 estimates)."""
+    v1 = torch.stack([zo.spsa_gradient(quad, X0, 0.01, 1, "gaussian", seed=i) for i in range(400)]).var(0).sum()
+    v4 = torch.stack([zo.spsa_gradient(quad, X0, 0.01, 4, "gaussian", seed=10_000 + i)
+                      for i in range(100)]).var(0).sum()
+    assert 0.15 < float(v4 / v1) < 0.4
+
+
+def test_sphere_direction_has_radius_sqrt_d_across_tensors_and_chunks():
+    """A sphere direction over several tensors (one spanning chunks) has |u|^2 = d."""
+    ps = [torch.zeros(3, 5), torch.zeros(zo.CHUNK_ELEMENTS + 123), torch.zeros(7)]
+    u = zo.materialize_direction(ps, seed=11, direction="sphere")
+    d = sum(p.numel() for p in ps)
+    assert sum(float((t.double() ** 2).sum()) for t in u) == pytest.approx(d, rel=1e-5)
+    g = zo.materialize_direction(ps, seed=11, direction="gaussian")
+    assert sum(float((t.double() ** 2).sum()) for t in g) != pytest.approx(d, rel=1e-5)
+
+
+def test_directions_are_keyed_and_regenerated_identically():
+    """The same seed gives the same u (bit for bit); another seed another u; zo_seed is keyed."""
+    ps = [torch.zeros(10, 10), torch.zeros(4)]
+    a = zo.materialize_direction(ps, 5)
+    b = zo.materialize_direction(ps, 5)
+    c = zo.materialize_direction(ps, 6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert zo.zo_seed(0, "client", 1, 2) == zo.zo_seed(0, "client", 1, 2) != zo.zo_seed(0, "client", 1, 3)
+    assert zo.zo_seed(0, "client", 1) != zo.zo_seed(1, "client", 1)
+
+
+def test_perturb_moves_by_scale_times_regenerated_direction():
+    """perturb_(scale) adds scale*u; a second call with -scale on zeros returns to zero exactly."""
+    ps = [torch.zeros(6, 4), torch.zeros(9)]
+    zo.perturb_(ps, 42, 0.25)
+    u = zo.materialize_direction([torch.zeros(6, 4), torch.zeros(9)], 42)
+    assert all(torch.equal(p, 0.25 * t) for p, t in zip(ps, u))  # x 0.25 is exact in binary
+    zo.perturb_(ps, 42, -0.25)
+    assert all(torch.count_nonzero(p) == 0 for p in ps)
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+def test_probe_restore_is_reproducible_and_within_rounding_bound(direction):
+    """After a probe's +lam, -2lam, +lam every element is within 1.5 ulp-units of where it began."""
+    # Bit-for-bit restore is impossible in place (module docstring: fl(x + d) forgets the low
+    # bits of a small x), so we pin down what holds: the same start gives the same end, bit for
+    # bit, and each element moves by at most 1.5 * 2^-23 * (|x| + 2|lam u|).
+    with rng.seeded_torch(0, "test", "drift"):
+        base = [torch.randn(200, 300) * 0.05, torch.randn(300) * 0.05]
+    a = [t.clone() for t in base]
+    b = [t.clone() for t in base]
+    fa = zo.zo_probe(a, lambda: float(a[0].sum()), 0.005, 99, direction)
+    fb = zo.zo_probe(b, lambda: float(b[0].sum()), 0.005, 99, direction)
+    assert fa == fb
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic, bit for bit
+    drift = zo.restore_drift([t.clone() for t in base], 0.005, 99, direction)
+    assert drift["max_over_bound"] <= 1.0
+    assert 0.0 < drift["changed_fraction"] < 0.7  # measured: about half move by ~1 ulp
+    assert drift["max_abs"] < 1e-7
+
+
+def test_in_place_perturbation_cannot_keep_small_values():
+    """Why no in-place scheme restores bit for bit: fl(x + d) - d loses an x far below d."""
+    x = torch.tensor([1e-12, 3e-12], dtype=torch.float32)
+    d = torch.tensor([0.005, 0.005], dtype=torch.float32)
+    assert torch.equal((x + d) - d, torch.zeros(2))  # both inputs collapse onto one value
+
+
+def test_zo_update_applies_the_regenerated_directions():
+    """zo_update_ moves x by -lr/P * sum_p coeff_p u_p with each u_p regenerated."""
+    x = [torch.ones(50, 3), torch.full((5,), 2.0)]
+    start = [t.clone() for t in x]
+    seeds, coeffs = [7, 8, 9], [0.5, -1.0, 2.0]
+    zo.zo_update_(x, seeds, coeffs, lr=0.1)
+    for i, t in enumerate(x):
+        expect = start[i].clone()
+        for s, c in zip(seeds, coeffs):
+            expect -= 0.1 * c / 3 * zo.materialize_direction(start, s)[i]
+        assert torch.allclose(t, expect, atol=1e-6)
+
+
+def test_zo_step_builds_no_graph_and_leaves_no_grad():
+    """A ZO step on trainable parameters runs without autograd and leaves no .grad."""
+    lin = torch.nn.Linear(8, 3)
+    xb = torch.ones(4, 8)
+    seen = []
+
+    def loss():
+        seen.append(torch.is_grad_enabled())
+        out = lin(xb).square().mean()
+        assert out.grad_fn is None
+        return out
+
+    before = lin.weight.detach().clone()
+    coeffs, mid = zo.zo_step_(list(lin.parameters()), loss, lam=0.01, lr=0.1, seeds=[1, 2])
+    assert seen and not any(seen)
+    assert all(p.grad is None for p in lin.parameters())
+    assert len(coeffs) == 2 and math.isfinite(mid)
+    assert not torch.equal(before, lin.weight.detach())
+
+
+def test_gradient_descent_with_zo_steps_decreases_a_quadratic():
+    """Repeated ZO-SGD steps (sphere, P=2) reduce the quadratic's value."""
+    x = X0.clone()
+    f0 = quad(x)
+    for t in range(200):
+        zo.zo_step_([x], lambda: quad(x), lam=1e-3, lr=0.05,
+                    seeds=[zo.zo_seed(0, "t", t, p) for p in range(2)], direction="sphere")
+    assert quad(x) < f0 - 0.5
+
+
+def test_bad_inputs_fail_loudly():
+    """Unknown directions, integer tensors and mismatched seeds/coefficients raise."""
+    with pytest.raises(ValueError, match="direction"):
+        zo.perturb_([torch.zeros(3)], 0, 1.0, "uniform")
+    with pytest.raises(TypeError, match="floating"):
+        zo.perturb_([torch.zeros(3, dtype=torch.long)], 0, 1.0)
+    with pytest.raises(ValueError, match="coefficient"):
+        zo.zo_update_([torch.zeros(3)], [1, 2], [0.1], 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        zo.perturb_([torch.zeros(4, 4).t()], 0, 1.0)
