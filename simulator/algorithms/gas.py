@@ -262,6 +262,11 @@ class GAS:
         self.dim = int(math.prod(self.act_shape))
         dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
         self.stats = GaussianStats(self.num_classes, self.dim, cfg.covariance, dtype, cfg.merge_ridge)
+        if cfg.generate and cfg.covariance == "full":
+            gib = 2 * self.num_classes * self.dim**2 * dtype.itemsize / 2**30  # covariances + factors
+            if gib > 2:
+                log.warning("gas: full covariances of %d features for %d classes need about %.1f GiB; "
+                            "consider algorithm.covariance=diagonal", self.dim, self.num_classes, gib)
         self.client_n = num_params(self.client_global)
         # ---- counters (state is data) --------------------------------------------------
         self.act_buffer: list = []  # (h, y, weight, client), in arrival order
