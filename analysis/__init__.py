@@ -1,0 +1,19 @@
+"""Analysis of sflsim runs: load them into pandas, time-to-target tables, figures, reports.
+
+Importable from a notebook: ``from analysis import load_runs, time_to_target``. Figures live
+in ``analysis.plots`` (functions that take an ``ax``), tables in ``analysis.tables``, the
+report of a compare/sweep folder in ``analysis.report``. Nothing here runs simulations.
+"""
+from analysis.traces import (
+    load_events,
+    load_runs,
+    load_summaries,
+    mean_ci,
+    mean_curve,
+    rounds_to_target,
+    time_to_target,
+)
+
+__all__ = [
+    "load_events", "load_runs", "load_summaries", "mean_ci", "mean_curve", "rounds_to_target", "time_to_target",
+]

@@ -22,6 +22,7 @@ EPILOG = """examples:
   sflsim run scenarios/quickstart.yaml --set algorithm.name=splitfed_v2 --set time.server.capacity=null
   sflsim validate scenarios/*.yaml
   sflsim schema > sflsim-scenario.schema.json
+  sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32
 Scenario keys are documented in docs/scenarios.md."""
 
 
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list algorithms, datasets and models")
     p.set_defaults(func=cmd_list)
+    _add_memory_command(sub)
+    from simulator.batch import add_commands; add_commands(sub)  # noqa: E702,E402  compare, sweep, report
     return parser
 
 
@@ -122,6 +125,119 @@ def cmd_schema(args) -> int:
         Path(args.out).write_text(text + "\n")
     else:
         print(text)
+    return 0
+
+
+MEMORY_EPILOG = """examples:
+  sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32          (accounting only, seconds)
+  sflsim memory --model opt-125m --cut 2 --batch 16 --seq-len 32 --measure (+ real CPU steps)
+  sflsim memory --model opt --config '{"hidden_size": 64, "num_hidden_layers": 4, "ffn_dim": 128,
+      "num_attention_heads": 4}' --cut 2 --batch 8 --seq-len 16 --measure --how tracker
+What each column means and the paper's 8.02 / 5.64 / 1.05 GB: docs/memory.md."""
+
+PAPER_GB = {"fedavg": 8.02, "fedlora": 5.64, "mu_splitfed": 1.05}  # OPT-1.3B on SST-2 (the paper)
+
+
+def _add_memory_command(sub) -> None:
+    p = sub.add_parser(
+        "memory", help="client memory of FedAvg, FedLoRA, SplitFed and MU-SplitFed, side by side",
+        description="Client memory of one training step for the same text model, cut, batch and "
+                    "sequence length: accounted on the meta device (parameters, gradients, optimizer "
+                    "state, activations, and the step's peak of live tensors) and, with --measure, "
+                    "measured on a real step. Prints a Markdown table.",
+        epilog=MEMORY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="opt-125m, opt-350m, opt-1.3b (published shapes, random weights), opt (with "
+                        "--config or --local-path) or minilm")
+    p.add_argument("--cut", type=int, default=2, help="transformer blocks on a split client (default 2)")
+    p.add_argument("--batch", type=int, default=32, help="minibatch size B (default 32)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence L, all real (default 32)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help='OPT sizes as JSON, e.g. \'{"preset": "opt-125m", "num_hidden_layers": 6}\'')
+    p.add_argument("--local-path", default=None, help="directory of real OPT weights (opt only)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="some of fedavg fedlora splitfed mu_splitfed (default: all four)")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure a real step per method (CPU: peak RSS growth in a fresh process; "
+                        "needs the memory it reports, and minutes for OPT-1.3B)")
+    p.add_argument("--how", choices=("rss", "tracker"), default="rss",
+                   help="CPU measurement: rss (default) or tracker (live tensor bytes, in process)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (torch.cuda.max_memory_allocated)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="first-order optimizer")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--num-classes", type=int, default=2, help="classes of the head (default 2, SST-2)")
+    p.add_argument("--unit", choices=("GB", "MB"), default="GB", help="1e9 (default) or 1e6 bytes")
+    p.set_defaults(func=cmd_memory)
+
+
+def cmd_memory(args) -> int:
+    import math
+
+    from models.text import OPT_PRESETS, TEXT_MODELS, num_layers
+    from simulator.memory import METHODS, memory_table
+
+    if args.model not in TEXT_MODELS + tuple(OPT_PRESETS):
+        raise UserError(f"--model: unknown model {args.model!r}; choose one of "
+                        f"{', '.join(tuple(OPT_PRESETS) + TEXT_MODELS)}")
+    config = None
+    if args.config is not None:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config: not valid JSON ({e.msg}): {args.config!r}") from None
+        if not isinstance(config, (dict, str)):
+            raise UserError(f"--config: expected a JSON object (or a preset name), got {args.config!r}")
+    methods = [m for item in (args.methods or []) for m in item.split(",") if m] or None
+    for m in methods or ():
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for key in ("batch", "seq_len", "lora_r", "num_classes"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')}: must be a positive integer, got {getattr(args, key)}")
+    try:
+        n = num_layers(args.model, config, args.local_path)
+    except ValueError as e:
+        raise UserError(f"--config: {e}") from None
+    if not 1 <= args.cut <= n - 1:
+        raise UserError(f"--cut: {args.model} has {n} transformer blocks, so the cut must be in 1..{n - 1}, "
+                        f"got {args.cut}")
+    try:
+        df = memory_table(args.model, cut=args.cut, batch=args.batch, seq_len=args.seq_len, config=config,
+                          local_path=args.local_path, measure=args.measure, device=args.device, how=args.how,
+                          methods=methods, dtype=args.dtype, optimizer=args.optimizer,
+                          momentum=args.momentum, lora_r=args.lora_r, num_classes=args.num_classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    unit = 1e9 if args.unit == "GB" else 1e6
+    paper = args.model == "opt-1.3b" or (isinstance(config, dict) and config.get("preset") == "opt-1.3b"
+                                         and len(config) == 1)
+    cols = [("params_bytes", "params"), ("grads_bytes", "grads"), ("optimizer_bytes", "optimizer"),
+            ("activation_bytes", "activations"), ("total_bytes", "sum"), ("peak_bytes", "peak")]
+    if args.measure:
+        cols.append(("measured_peak_bytes", "measured"))
+    head = ["method"] + [f"{name} {args.unit}" for _, name in cols]
+    if paper:
+        head.append("paper GB (OPT-1.3B, SST-2)")
+    print(f"Client memory of one training step: {args.model}, cut {args.cut} (split methods), batch "
+          f"{args.batch}, sequence length {args.seq_len}, {args.dtype}, {args.optimizer} "
+          f"({args.unit} = {unit:.0e} bytes)")
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for _, row in df.iterrows():
+        cells = [str(row["method"])]
+        for col, _ in cols:
+            v = float(row[col])
+            cells.append("" if math.isnan(v) else f"{v / unit:.3f}")
+        if paper:
+            cells.append(f"{PAPER_GB[row['method']]:.2f}" if row["method"] in PAPER_GB else "")
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("sum = params + grads + optimizer + activations; peak = the step's peak of live tensors, run on "
+          "the meta device" + ("; measured = " + str(df.attrs.get("measured_with")) + " over a real step"
+                               if args.measure else "") + ". See docs/memory.md.")
     return 0
 
 

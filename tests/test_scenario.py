@@ -190,3 +190,15 @@ def test_shipped_scenarios_validate(path):
 def test_there_are_shipped_scenarios():
     """scenarios/ is not empty (so the parametrised test above runs)."""
     assert any(p.name == "quickstart.yaml" for p in SCENARIOS)
+
+
+GRIDS = sorted((Path(__file__).parent.parent / "scenarios" / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
+def test_shipped_grids_plan(path):
+    """Every sweep grid in scenarios/grids/ expands into valid scenarios."""
+    from simulator.batch import plan_sweep
+
+    plan = plan_sweep(path)
+    assert len(plan.specs) > 1

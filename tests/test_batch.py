@@ -1,0 +1,236 @@
+"""simulator.batch: planning compares and sweeps, running them (in-process and on Dask), resuming."""
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from simulator.batch import (
+    Plan,
+    parse_seeds,
+    plan_compare,
+    plan_sweep,
+    run_batch,
+    sanitize,
+    split_overrides,
+    switch_algorithm,
+)
+from simulator.algorithms import ALGORITHMS
+from simulator.cli import main
+from simulator.errors import ScenarioError, UserError
+
+
+@pytest.fixture
+def scenario_file(tmp_path, tiny_raw):
+    """The tiny scenario, one round, written to a YAML file."""
+    tiny_raw["stop"] = {"rounds": 1}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    return path
+
+
+def test_parse_seeds_count_or_list():
+    """A count starts at the scenario's seed; a comma list is taken as is."""
+    assert parse_seeds("3", 5) == [5, 6, 7]
+    assert parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("7,") == [7] and parse_seeds([1, 2]) == [1, 2]
+    for bad in ("0", "a", "1,1", "-1,2"):
+        with pytest.raises(UserError):
+            parse_seeds(bad)
+
+
+def test_switch_algorithm_drops_undeclared_keys():
+    """Switching algorithm keeps shared keys and drops (and reports) keys the target lacks."""
+    raw = {"algorithm": {"name": "splitfed_v1", "lr_client": 0.3, "tau": 2}}
+    out, dropped = switch_algorithm(raw, "splitfed_v2")
+    assert out["algorithm"] == {"name": "splitfed_v2", "lr_client": 0.3} and dropped == ["algorithm.tau"]
+    same, none = switch_algorithm(raw, "splitfed_v1")  # unchanged name: nothing dropped, validation decides
+    assert same == raw and none == []
+    with pytest.raises(UserError, match="unknown algorithm"):
+        switch_algorithm(raw, "splitfed_v3")
+
+
+@pytest.mark.parametrize("source", sorted(ALGORITHMS))
+def test_switching_between_any_two_registered_algorithms_validates(source):
+    """Contract over the registry: a section of one algorithm, switched to any other, is valid."""
+    for target, spec in ALGORITHMS.items():
+        section = ALGORITHMS[source].config(name=source).model_dump(mode="json", by_alias=True)
+        out, dropped = switch_algorithm({"algorithm": section}, target)
+        cfg = spec.config.model_validate(out["algorithm"])
+        assert cfg.name == target
+        assert all(k.removeprefix("algorithm.") not in out["algorithm"] for k in dropped)
+
+
+def test_split_overrides_by_prefix():
+    """'ALG:key=value' is algorithm-specific; colons in values do not count."""
+    plain, pref = split_overrides(["stop.rounds=2", "splitfed_v2:algorithm.lr_client=0.2", "name=a:b"])
+    assert plain == ["stop.rounds=2", "name=a:b"] and pref == [("splitfed_v2", "algorithm.lr_client=0.2")]
+
+
+def test_plan_compare_pairs_seeds_across_algorithms(scenario_file):
+    """Every (algorithm, seed); the same seed in both; prefixed --set reaches one algorithm only."""
+    plan = plan_compare(scenario_file, ["splitfed_v1", "splitfed_v2"], "2",
+                        ["stop.rounds=2", "splitfed_v2:algorithm.lr_client=0.2"])
+    assert [s.run_id for s in plan.specs] == ["splitfed_v1-seed3", "splitfed_v1-seed4",
+                                              "splitfed_v2-seed3", "splitfed_v2-seed4"]
+    by_id = {s.run_id: s for s in plan.specs}
+    assert by_id["splitfed_v1-seed4"].scenario["seed"] == by_id["splitfed_v2-seed4"].scenario["seed"] == 4
+    assert by_id["splitfed_v1-seed3"].scenario["algorithm"]["lr_client"] == 0.1
+    assert by_id["splitfed_v2-seed3"].scenario["algorithm"]["lr_client"] == 0.2
+    assert all(s.scenario["stop"]["rounds"] == 2 for s in plan.specs)
+    assert len({s.fingerprint for s in plan.specs}) == 4
+    with pytest.raises(ScenarioError, match="matches no run"):
+        plan_compare(scenario_file, ["splitfed_v1"], None, ["splitfed_v2:algorithm.lr_client=0.2"])
+    with pytest.raises(ScenarioError, match="in run splitfed_v1-seed3"):
+        plan_compare(scenario_file, ["splitfed_v1"], None, ["algorithm.lr_clien=0.2"])
+
+
+def test_plan_compare_variants_from_a_compare_file(tmp_path, scenario_file):
+    """A compare file: base + algorithms + seeds + variants (one row per variant label)."""
+    cmp = tmp_path / "cmp.yaml"
+    cmp.write_text(yaml.safe_dump({
+        "base": scenario_file.name, "algorithms": ["splitfed_v1", "splitfed_v2"], "seeds": [0],
+        "variants": {"splitfed_v2": {"slow": {"algorithm.lr_client": 0.01}, "fast": {"algorithm.lr_client": 0.5}}},
+        "stop": {"rounds": 2},
+    }, sort_keys=False))
+    plan = plan_compare(cmp)
+    assert [(s.run_id, s.variant) for s in plan.specs] == [
+        ("splitfed_v1-seed0", ""), ("splitfed_v2-slow-seed0", "slow"), ("splitfed_v2-fast-seed0", "fast")]
+    assert [s.scenario["algorithm"]["lr_client"] for s in plan.specs] == [0.1, 0.01, 0.5]
+    assert all(s.scenario["stop"]["rounds"] == 2 for s in plan.specs)
+    assert plan.info["variants"]["splitfed_v2"]["fast"] == {"algorithm.lr_client": 0.5}
+
+
+def test_plan_sweep_is_a_cartesian_product(tmp_path, scenario_file):
+    """A grid file: base relative to it, grid keys x seeds, readable ids, algorithm switches."""
+    grid = tmp_path / "sub" / "grid.yaml"
+    grid.parent.mkdir()
+    grid.write_text(yaml.safe_dump({
+        "base": "../tiny.yaml", "seeds": 2, "set": {"stop.rounds": 2},
+        "grid": {"algorithm.name": ["splitfed_v1", "splitfed_v2"], "model.cut": [1, 2]},
+    }, sort_keys=False))
+    plan = plan_sweep(grid)
+    assert len(plan.specs) == 8
+    first = plan.specs[0]
+    assert first.run_id == "algorithm.name=splitfed_v1,model.cut=1,seed=3"
+    assert first.params == {"algorithm.name": "splitfed_v1", "model.cut": 1}
+    last = plan.specs[-1]
+    assert (last.algorithm, last.scenario["model"]["cut"], last.seed) == ("splitfed_v2", 2, 4)
+    assert plan.info["grid"] == {"algorithm.name": ["splitfed_v1", "splitfed_v2"], "model.cut": [1, 2]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": "tiny.yaml", "grid": {"model.cut": []}}))
+    with pytest.raises(UserError, match="non-empty list"):
+        plan_sweep(bad)
+
+
+def test_sanitize_keeps_ids_readable():
+    """Run ids keep letters, digits and . _ , = + -; anything else becomes '_'."""
+    assert sanitize("model.cut=1,lr=0.1,seed=0") == "model.cut=1,lr=0.1,seed=0"
+    assert sanitize("a b/c[1]") == "a_b_c_1"
+    assert "/" not in sanitize("x/y") and len(sanitize("k=" + "v" * 400)) <= 150
+
+
+def _small_plan(scenario_file, variants=None) -> Plan:
+    return plan_compare(scenario_file, ["splitfed_v1", "splitfed_v2"], "2", variants=variants)
+
+
+def test_run_batch_in_process_lands_runs_and_resumes(tmp_path, scenario_file):
+    """Runs land in runs/<id>/ with run.json; runs.csv and batch.json are written; a re-run reuses them."""
+    out = tmp_path / "out"
+    result = run_batch(_small_plan(scenario_file), out, workers=1, threads=1, progress=False)
+    assert [o["status"] for o in result.outcomes] == ["completed"] * 4
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == ["splitfed_v1-seed3", "splitfed_v1-seed4", "splitfed_v2-seed3", "splitfed_v2-seed4"]
+    meta = json.loads((out / "runs" / "splitfed_v2-seed4" / "run.json").read_text())
+    assert (meta["status"], meta["seed"], meta["threads"]) == ("completed", 4, 1)
+    table = pd.read_csv(out / "runs.csv")
+    assert table["status"].tolist() == ["completed"] * 4 and table["final_accuracy"].notna().all()
+    batch = json.loads((out / "batch.json").read_text())
+    assert batch["kind"] == "compare" and len(batch["runs"]) == 4 and batch["execution"]["in_process"]
+    stamp = os.path.getmtime(out / "runs" / "splitfed_v1-seed3" / "metrics.csv")
+    again = run_batch(_small_plan(scenario_file), out, workers=1, threads=1, progress=False)
+    assert [o["status"] for o in again.outcomes] == ["reused"] * 4
+    assert os.path.getmtime(out / "runs" / "splitfed_v1-seed3" / "metrics.csv") == stamp
+
+
+def test_changed_inputs_are_refused_unless_overwrite(tmp_path, scenario_file):
+    """A finished run made from other inputs is not silently reused nor silently replaced."""
+    out = tmp_path / "out"
+    plan = plan_compare(scenario_file, ["splitfed_v1"], "3,")
+    run_batch(plan, out, workers=1, threads=1, progress=False)
+    changed = plan_compare(scenario_file, ["splitfed_v1"], "3,", ["algorithm.lr_client=0.2"])
+    with pytest.raises(UserError, match="different inputs"):
+        run_batch(changed, out, workers=1, threads=1, progress=False)
+    result = run_batch(changed, out, workers=1, threads=1, progress=False, overwrite=True)
+    assert result.outcomes[0]["status"] == "completed"
+    scen = yaml.safe_load((out / "runs" / "splitfed_v1-seed3" / "scenario.yaml").read_text())
+    assert scen["algorithm"]["lr_client"] == 0.2
+
+
+def test_failing_run_is_recorded_and_the_batch_finishes(tmp_path, scenario_file):
+    """A variant with an impossible cut fails at run time: .failed/ with a traceback, others complete;
+    an unfinished .partial leftover (an interrupted batch) is run again."""
+    out = tmp_path / "out"
+    plan = plan_compare(scenario_file, ["splitfed_v2"], "3,",
+                        variants={"splitfed_v2": {"ok": {}, "bad": {"model.cut": 3}}})
+    (out / "runs" / "splitfed_v2-ok-seed3.partial").mkdir(parents=True)  # left by an interrupt
+    result = run_batch(plan, out, workers=1, threads=1, progress=False)
+    status = {o["run_id"]: o for o in result.outcomes}
+    assert status["splitfed_v2-ok-seed3"]["status"] == "completed"
+    bad = status["splitfed_v2-bad-seed3"]
+    assert bad["status"] == "failed" and "model.cut" in bad["error"]
+    failed_dir = out / "runs" / "splitfed_v2-bad-seed3.failed"
+    assert "Traceback" in (failed_dir / "traceback.txt").read_text()
+    assert json.loads((failed_dir / "run.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["splitfed_v2-bad-seed3.failed", "splitfed_v2-ok-seed3"]
+    table = pd.read_csv(out / "runs.csv").set_index("run_id")
+    assert table.loc["splitfed_v2-bad-seed3", "status"] == "failed"
+
+
+def test_compare_on_a_local_dask_cluster(tmp_path, scenario_file):
+    """Two algorithms x two seeds on a LocalCluster of two worker processes, same results as in-process.
+
+    Workers are forked here so they inherit the imported torch (the CLI spawns them, which
+    takes ~10 s per worker to import torch; see the slow test below)."""
+    import dask
+    import distributed  # noqa: F401  (load its config first: leaving the block restores the config)
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+        a = run_batch(_small_plan(scenario_file), tmp_path / "dask", workers=2, threads=1, progress=True)
+    assert [o["status"] for o in a.outcomes] == ["completed"] * 4
+    batch = json.loads((tmp_path / "dask" / "batch.json").read_text())
+    assert batch["execution"]["workers"] == 2 and not batch["execution"]["in_process"]
+    assert not any(p.name.endswith((".partial", ".failed")) for p in (tmp_path / "dask" / "runs").iterdir())
+    pids = {json.loads((tmp_path / "dask" / "runs" / o["run_id"] / "run.json").read_text())["pid"] for o in a.outcomes}
+    assert os.getpid() not in pids
+    b = run_batch(_small_plan(scenario_file), tmp_path / "local", workers=1, threads=1, progress=False)
+    for x, y in zip(a.outcomes, b.outcomes):  # same seed, same thread count: same numbers anywhere
+        assert (x["final_accuracy"], x["sim_time_s"]) == (y["final_accuracy"], y["sim_time_s"])
+
+
+@pytest.mark.slow
+def test_compare_on_spawned_dask_workers(tmp_path, scenario_file):
+    """The CLI's setting: spawned worker processes that import sflsim themselves."""
+    a = run_batch(_small_plan(scenario_file), tmp_path / "dask", workers=2, threads=1, progress=False)
+    assert [o["status"] for o in a.outcomes] == ["completed"] * 4
+
+
+def test_cli_compare_report_and_errors(tmp_path, scenario_file, capsys):
+    """sflsim compare (exit 1 when a run failed), sflsim report, and user errors as exit 2."""
+    cmp = tmp_path / "cmp.yaml"
+    cmp.write_text(yaml.safe_dump({"base": scenario_file.name, "seeds": 1,
+                                   "variants": {"splitfed_v1": {"ok": {}, "bad": {"model.cut": 3}}}}))
+    out = tmp_path / "out"
+    rc = main(["compare", str(cmp), "--out", str(out), "--workers", "1", "--threads", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "1 of 2 runs failed" in captured.err and "splitfed_v1-bad-seed3" in captured.err
+    assert main(["report", str(out), "--targets", "0.05"]) == 0
+    assert (out / "report" / "report.md").is_file() and (out / "report" / "report.html").is_file()
+    assert main(["report", str(out), "--targets", "80"]) == 2
+    assert main(["compare", str(scenario_file), "--algorithms", "nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fractions" in err and "unknown algorithm 'nope'" in err
+    assert main(["compare", str(cmp), "--out", str(out), "--dry-run"]) == 0
+    assert "splitfed_v1-ok-seed3: skip (complete)" in capsys.readouterr().out
