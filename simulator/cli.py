@@ -222,7 +222,7 @@ def cmd_memory(args) -> int:
         head.append("paper GB (OPT-1.3B, SST-2)")
     print(f"Client memory of one training step: {args.model}, cut {args.cut} (split methods), batch "
           f"{args.batch}, sequence length {args.seq_len}, {args.dtype}, {args.optimizer} "
-          f"({args.unit} = {unit:.0e} bytes)")
+          f"({args.unit} = 10^{9 if args.unit == 'GB' else 6} bytes)")
     print()
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

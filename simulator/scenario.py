@@ -29,8 +29,12 @@ from simulator.config import (
 )
 from simulator.errors import ScenarioError
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "digits", "mnist_small")
-MODEL_NAMES = ("alexnet", "small_cnn", "mlp")
+DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "digits", "mnist_small",
+                 "tweets", "sst2")
+MODEL_NAMES = ("alexnet", "small_cnn", "mlp", "opt", "minilm", "opt-125m", "opt-350m", "opt-1.3b")
+# Text datasets go with text models (models/text.py, simulator/text_data.py), images with the rest.
+TEXT_DATASET_NAMES = ("tweets", "sst2")
+TEXT_MODEL_NAMES = ("opt", "minilm", "opt-125m", "opt-350m", "opt-1.3b")
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,13 +53,21 @@ class DataConfig(Strict):
     shards_per_client: PosInt = Field(2, description="Label shards per client (partition: shards).")
     train_limit: Optional[PosInt] = Field(None, description="Use at most this many train samples.")
     test_limit: Optional[PosInt] = Field(None, description="Use at most this many test samples.")
+    max_len: int = Field(48, ge=2, description="Text datasets: tokens per sequence (truncated / right-padded).")
 
 
 class ModelConfig(Strict):
     """The split network and where it is cut."""
 
     name: Literal[MODEL_NAMES] = "alexnet"  # type: ignore[valid-type]
-    cut: PosInt = Field(2, description="Cut layer: the client holds blocks up to L<cut>.")
+    cut: PosInt = Field(2, description="Cut layer: the client holds blocks up to L<cut> (text models: "
+                                       "the embeddings and transformer blocks 1..cut).")
+    config: Optional[dict[str, Any]] = Field(
+        None, description="Text models only. opt: OPT sizes (hidden_size, num_hidden_layers, ffn_dim, "
+                          "num_attention_heads, ...) and/or preset (opt-125m, opt-350m, opt-1.3b), random "
+                          "weights; minilm or opt with local_path: dropout, attn_implementation.")
+    local_path: Optional[str] = Field(
+        None, description="opt only: a local directory with a transformers checkpoint (real weights, tokenizer).")
 
 
 class Tier(Strict):
@@ -224,6 +236,60 @@ class Scenario(Strict):
         if shares > 1 + 1e-9:
             raise _KeyedValueError("time.client.tiers", f"shares add up to {shares:g}, more than 1")
         return self
+
+    @model_validator(mode="after")
+    def _text_goes_with_text(self) -> "Scenario":
+        m, ds = self.model, self.data.dataset
+        text_model, text_data = m.name in TEXT_MODEL_NAMES, ds in TEXT_DATASET_NAMES
+        if text_model and not text_data:
+            raise _KeyedValueError("model.name", f"{m.name} is a text model but data.dataset is {ds!r}, an "
+                                                 f"image dataset; use one of {', '.join(TEXT_DATASET_NAMES)}")
+        if text_data and not text_model:
+            raise _KeyedValueError("model.name", f"data.dataset {ds!r} is text, so the model must be one of "
+                                                 f"{', '.join(TEXT_MODEL_NAMES)}, got {m.name!r}")
+        if not text_model:
+            for key in ("config", "local_path"):
+                if getattr(m, key) is not None:
+                    raise _KeyedValueError(f"model.{key}", f"only text models take {key}; {m.name} does not")
+            return self
+        if m.local_path is not None and m.name != "opt":
+            raise _KeyedValueError("model.local_path", f"only name: opt loads local weights, not {m.name}")
+        if m.name == "opt" and m.config is None and m.local_path is None:
+            raise _KeyedValueError("model.config", "an opt model needs config (sizes such as hidden_size, "
+                                   "num_hidden_layers, ffn_dim, num_attention_heads, or preset: opt-125m) "
+                                   "or local_path (a directory of real weights)")
+        if m.name.startswith("opt-") and m.config is not None:
+            raise _KeyedValueError("model.config", f"{m.name} is a preset; to change its sizes use name: opt "
+                                   f"with config: {{preset: {m.name}, ...}}")
+        n = _text_blocks(m)
+        if n is not None and not 1 <= m.cut <= n - 1:
+            raise _KeyedValueError("model.cut", f"{m.name} has {n} transformer blocks, so the cut must be in "
+                                                f"1..{n - 1} (blocks 1..cut run on the client), got {m.cut}")
+        return self
+
+
+def _text_blocks(m: ModelConfig) -> Optional[int]:
+    """Transformer blocks of a text model if known without building it (None: checked at build)."""
+    import json
+
+    from models.text import OPT_PRESETS, minilm_path
+
+    cfg = m.config or {}
+    if m.name in OPT_PRESETS:
+        return int(OPT_PRESETS[m.name]["num_hidden_layers"])
+    try:
+        if m.name == "minilm":
+            return int(json.loads((minilm_path() / "config.json").read_text())["num_hidden_layers"])
+        if m.local_path is not None:
+            return int(json.loads((Path(m.local_path).expanduser() / "config.json").read_text())["num_hidden_layers"])
+    except Exception:  # missing package or checkpoint: the builder says so with its own message
+        return None
+    if isinstance(cfg.get("num_hidden_layers"), int):
+        return int(cfg["num_hidden_layers"])
+    preset = cfg.get("preset")
+    if isinstance(preset, str) and preset in OPT_PRESETS:
+        return int(OPT_PRESETS[preset]["num_hidden_layers"])
+    return None
 
 
 class _KeyedValueError(ValueError):
