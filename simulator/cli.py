@@ -129,7 +129,7 @@ def cmd_schema(args) -> int:
 
 
 MEMORY_EPILOG = """examples:
-  sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32          (accounting only, seconds)
+  sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32          (accounting on meta, ~30 s)
   sflsim memory --model opt-125m --cut 2 --batch 16 --seq-len 32 --measure (+ real CPU steps)
   sflsim memory --model opt --config '{"hidden_size": 64, "num_hidden_layers": 4, "ffn_dim": 128,
       "num_attention_heads": 4}' --cut 2 --batch 8 --seq-len 16 --measure --how tracker
