@@ -14,6 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
+from typing import Optional
+
+from simulator import batch
 from simulator.errors import UserError
 
 EPILOG = """examples:
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list algorithms, datasets and models")
     p.set_defaults(func=cmd_list)
     _add_memory_command(sub)
-    from simulator.batch import add_commands; add_commands(sub)  # noqa: E702,E402  compare, sweep, report
+    add_batch_commands(sub)  # compare, sweep, report
     return parser
 
 
@@ -250,6 +253,154 @@ def cmd_list(args) -> int:
         print(f"  {name:14s} {spec.summary}")
     print("datasets:  " + ", ".join(DATASET_NAMES))
     print("models:    " + ", ".join(MODEL_NAMES))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# compare, sweep, report (the batch layer is simulator/batch.py)
+# --------------------------------------------------------------------------------------------
+def _add_batch_args(p) -> None:
+    p.add_argument("--out", default=None, help="output folder (default: runs/<file name>-<command>)")
+    p.add_argument("--seeds", default=None, metavar="N|S1,S2,..",
+                   help="N seeds from the scenario's seed on, or a comma-separated list of seeds")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ALG:]KEY=VALUE",
+                   help="override a scenario key for every run; with an ALG: (or ALG/VARIANT:) prefix only "
+                        "for that algorithm's runs, e.g. --set mu_splitfed:algorithm.tau=2 (repeatable)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local Dask worker processes (default: one per core, at most one per run); "
+                        "1 runs in this process without Dask")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="use an existing Dask scheduler (e.g. tcp://host:8786) instead of a local cluster")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: cores // workers locally; the scenario's own "
+                        "setting with --scheduler)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-run finished runs whose inputs changed (default: stop with an error)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
+    p.add_argument("--report", action="store_true", help="write the report (sflsim report OUT) afterwards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_batch_commands(sub) -> None:
+    """Add ``compare``, ``sweep`` and ``report`` to the ``sflsim`` sub-command parsers."""
+    p = sub.add_parser(
+        "compare", help="run several algorithms (and variants) over seeds on one scenario",
+        description="Every (algorithm[, variant], seed) on the same scenario; the same seed gives every "
+                    "algorithm the same straggler realisation. Results in OUT/runs/<run id>/, statuses in "
+                    "OUT/runs.csv; re-running the command skips finished runs. Variants and defaults can "
+                    "be written in the scenario file: algorithms: [..], seeds: N, "
+                    "variants: {ALG: {LABEL: {dotted.key: value}}} (see docs/analysis.md).")
+    p.add_argument("scenario", help="scenario YAML file (may carry algorithms/seeds/variants/base keys)")
+    p.add_argument("--algorithms", default=None, metavar="A,B,..",
+                   help="comma-separated algorithm names (default: the file's algorithms:, else its algorithm)")
+    _add_batch_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sweep", help="run a grid of scenario keys (cartesian product) over seeds",
+        description="A grid file has base: SCENARIO.yaml (relative to it), grid: {dotted.key: [values]}, and "
+                    "optionally seeds: N, set: {dotted.key: value}. Re-running skips finished runs.")
+    p.add_argument("grid", help="grid YAML file")
+    _add_batch_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="figures, tables and report.md/.html for a compare or sweep folder",
+        description="Writes DIR/report/: figures/*.png, tables/*.csv and *.md, report.md and report.html.")
+    p.add_argument("dir", help="a compare or sweep output folder (or one run folder)")
+    p.add_argument("--targets", default=None, metavar="A1,A2",
+                   help="test-accuracy targets as fractions, e.g. 0.7,0.8 (default: the scenario's "
+                        "stop.target_accuracy and the highest multiple of 0.05 every run reached)")
+    p.add_argument("--baseline", default=None, help="the row speed-ups and paired differences are against "
+                                                    "(an algorithm name or a row label; default: the first)")
+    p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+
+def _parse_targets(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise UserError(f"--targets: {part!r} is not a number") from None
+        if v > 1 and v <= 100:
+            raise UserError(f"--targets: give accuracies as fractions (0.8, not {part.strip()})")
+        if not 0 < v <= 1:
+            raise UserError(f"--targets: {v} is not in (0, 1]")
+        out.append(v)
+    if not out:
+        raise UserError("--targets: no targets given")
+    return out
+
+
+def cmd_compare(args) -> int:
+    plan = batch.plan_compare(args.scenario,
+                        algorithms=args.algorithms.split(",") if args.algorithms else None,
+                        seeds=args.seeds, overrides=args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.scenario).stem}-compare"
+    return _run_cli(plan, out, args)
+
+
+def cmd_sweep(args) -> int:
+    plan = batch.plan_sweep(args.grid, overrides=args.overrides, seeds=args.seeds)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.grid).stem}-sweep"
+    return _run_cli(plan, out, args)
+
+
+def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
+    dropped: dict[str, set[str]] = {}
+    for s in plan.specs:
+        dropped.setdefault(s.algorithm, set()).update(s.dropped_keys)
+    for alg, keys in dropped.items():
+        if keys:
+            print(f"note: {alg} has no {', '.join(sorted(keys))}: dropped from its runs (listed in run.json)",
+                  file=sys.stderr)
+    if args.dry_run:
+        runs_dir = out / batch.RUNS
+        for s in plan.specs:
+            state = batch.run_state(runs_dir, s)
+            what = {"complete": "skip (complete)", "changed": "re-run needs --overwrite (inputs changed)",
+                    "missing": "run"}[state]
+            print(f"{s.run_id}: {what}")
+        print(f"{len(plan.specs)} runs planned in {out}/")
+        return 0
+    try:
+        result = batch.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
+                           progress=not args.no_progress, overwrite=args.overwrite, command=sys.argv[:])
+    except KeyboardInterrupt:
+        print(f"sflsim: interrupted; finished runs are kept in {out}/runs/, run the same command again to "
+              "resume", file=sys.stderr)
+        return 130
+    n = len(result.outcomes)
+    print(f"{plan.kind}: {n} runs in {out}/ ({result.count('completed')} ran now, {result.count('reused')} "
+          f"already complete, {len(result.failed)} failed); statuses in {out / batch.RUNS_CSV}")
+    for o in result.failed:
+        print(f"  failed: {o['run_id']}: {o['error']} (traceback: {o['path']}/traceback.txt)", file=sys.stderr)
+    if args.report:
+        from analysis.report import write_report
+
+        page = write_report(out)
+        print(f"report: {page}")
+    else:
+        print(f"report: sflsim report {out}")
+    if result.failed:
+        print(f"sflsim: {len(result.failed)} of {n} runs failed; re-running the command retries them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from analysis.report import write_report
+
+    page = write_report(args.dir, targets=_parse_targets(args.targets), baseline=args.baseline,
+                        out_dir=args.out)
+    print(f"report: {page} (and {page.with_suffix('.html').name}, figures/, tables/)")
     return 0
 
 

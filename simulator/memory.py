@@ -371,7 +371,8 @@ def saved_activation_bytes(forward: Callable[[], Any], exclude: Iterable[torch.T
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
     total = int(sum(st.nbytes() for st in seen.values()))
-    del out, seen
+    del out
+    seen.clear()
     return total
 
 

@@ -23,7 +23,7 @@ import torch
 from simulator.algorithms import ALGORITHMS
 from simulator.algorithms.common import RunContext
 from simulator.engine import Simulation
-from simulator.errors import ScenarioError, UserError
+from simulator.errors import ScenarioError
 from simulator.latency import build_time_model
 from simulator.scenario import TEXT_DATASET_NAMES, Scenario, to_yaml
 from simulator.trace import Recorder

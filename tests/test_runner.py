@@ -18,7 +18,7 @@ def _run(raw, out=None, overrides=()):
 
 def test_outputs_follow_the_contract(tiny_raw, tmp_path):
     """A run writes scenario.yaml, metrics.csv, events.csv, summary.json and the plot."""
-    r = _run(tiny_raw, tmp_path)
+    _run(tiny_raw, tmp_path)
     for f in ("scenario.yaml", "metrics.csv", "events.csv", "summary.json", "accuracy_vs_time.png"):
         assert (tmp_path / f).is_file(), f
     with (tmp_path / "metrics.csv").open() as f:

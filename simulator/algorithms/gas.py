@@ -451,7 +451,7 @@ class GAS:
     # ---- the model buffer and replacement --------------------------------------------------------
     def aggregate(self):
         """Q_c models are in: the global client model becomes their average (one global iteration)."""
-        sim, cfg, ctx = self.ctx.sim, self.cfg, self.ctx
+        sim, cfg = self.ctx.sim, self.cfg
         entries, self.model_buffer = self.model_buffer[: self.q_c], self.model_buffer[self.q_c:]
         it = self.iteration
         yield from sim.fed("aggregate_client", aggregation_flops(self.client_n, len(entries)), it)
