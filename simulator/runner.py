@@ -69,31 +69,21 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> 
     from models.profile import profile_cut
     from models.split import split
     from models.zoo import build_model
-    from simulator.data import load_dataset, partition
+    from simulator.data import load_dataset
 
     d = scenario.data
     if d.dataset in TEXT_DATASET_NAMES:
         return build_text_context(scenario, sim, device)
     data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
-    labels = data.y_train.numpy()
-    try:
-        parts_idx = partition(labels, d.num_clients, d.partition, seed=scenario.seed,
-                              alpha=d.alpha, shards_per_client=d.shards_per_client)
-    except ValueError as e:
-        raise ScenarioError("data.partition", str(e)) from None
+    parts_idx = _partition(scenario, data.y_train.numpy())
     c, h, w = data.input_shape
     model = build_model(scenario.model.name, c, data.num_classes, (h, w), seed=scenario.seed)
     try:
         parts = split(model, scenario.model.cut)
     except ValueError as e:
         raise ScenarioError("model.cut", str(e)) from None
-    parts.client.to(device)
-    parts.server.to(device)
     batch = getattr(scenario.algorithm, "batch_size", 32)
-    profile = profile_cut(parts, data.input_shape, batch)
-    if device.type != "cpu":
-        data = _to_device(data, device)
-    return RunContext(scenario, scenario.algorithm, data, parts, profile, parts_idx, sim, device, scenario.seed)
+    return _context(scenario, sim, device, data, parts, parts_idx, profile_cut(parts, data.input_shape, batch))
 
 
 def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device) -> RunContext:
@@ -105,28 +95,39 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
     the position table, a different pad id) become ``ScenarioError`` naming the key to change.
     """
     from models.text import build_text_model, tokenizer_for
-    from simulator.data import partition
     from simulator.text_data import load_text_dataset
 
     d, m = scenario.data, scenario.model
     tokenizer = tokenizer_for(m.name, m.local_path)
     data = load_text_dataset(d.dataset, d.root, tokenizer=tokenizer, max_len=d.max_len,
                              train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
-    try:
-        parts_idx = partition(data.y_train.numpy(), d.num_clients, d.partition, seed=scenario.seed,
-                              alpha=d.alpha, shards_per_client=d.shards_per_client)
-    except ValueError as e:
-        raise ScenarioError("data.partition", str(e)) from None
+    parts_idx = _partition(scenario, data.y_train.numpy())
     try:
         parts = build_text_model(m.name, cut=m.cut, num_classes=data.num_classes, seed=scenario.seed,
                                  config=m.config, local_path=m.local_path)
     except ValueError as e:
         raise ScenarioError("model.cut" if "invalid cut" in str(e) else "model.config", str(e)) from None
     _check_text_fit(parts, data, d.max_len)
+    batch = getattr(scenario.algorithm, "batch_size", 32)
+    return _context(scenario, sim, device, data, parts, parts_idx, profile_text_cut(parts, d.max_len, batch))
+
+
+def _partition(scenario: Scenario, labels) -> list:
+    """Client index arrays for the scenario's partition (bad partition arguments name the key)."""
+    from simulator.data import partition
+
+    d = scenario.data
+    try:
+        return partition(labels, d.num_clients, d.partition, seed=scenario.seed,
+                         alpha=d.alpha, shards_per_client=d.shards_per_client)
+    except ValueError as e:
+        raise ScenarioError("data.partition", str(e)) from None
+
+
+def _context(scenario, sim, device, data, parts, parts_idx, profile) -> RunContext:
+    """Move the model (and the data, off the CPU) to the device and assemble the RunContext."""
     parts.client.to(device)
     parts.server.to(device)
-    batch = getattr(scenario.algorithm, "batch_size", 32)
-    profile = profile_text_cut(parts, d.max_len, batch)
     if device.type != "cpu":
         data = _to_device(data, device)
     return RunContext(scenario, scenario.algorithm, data, parts, profile, parts_idx, sim, device, scenario.seed)
