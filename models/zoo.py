@@ -19,6 +19,15 @@ from simulator import rng
 ModelBuilder = Callable[[int, int, tuple[int, int]], nn.Sequential]
 
 
+#: Cut number (the papers' L1..L4) -> leading blocks on the client, per model. Read by the
+#: builders and by scenario validation (which checks ``model.cut`` without building a model).
+CUTS: dict[str, dict[int, int]] = {
+    "alexnet": {1: 1, 2: 2, 3: 3, 4: 5},  # 4: all convs on the client, server = flatten + linears
+    "small_cnn": {1: 1, 2: 2},
+    "mlp": {1: 2, 2: 3},  # block 0 is flatten
+}
+
+
 def _feature_numel(
     make_features: Callable[[], OrderedDict[str, nn.Module]],
     in_channels: int,
@@ -84,7 +93,7 @@ def alexnet(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn
     blocks["fc2"] = nn.Sequential(nn.Linear(1024, 512))
     blocks["fc3"] = nn.Sequential(nn.Linear(512, num_classes))
     model = nn.Sequential(blocks)
-    model.cuts = {1: 1, 2: 2, 3: 3, 4: 5}
+    model.cuts = dict(CUTS["alexnet"])
     return model
 
 
@@ -118,7 +127,7 @@ def small_cnn(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> 
     blocks["fc1"] = nn.Sequential(nn.Linear(flat, 64), nn.ReLU())
     blocks["fc2"] = nn.Sequential(nn.Linear(64, num_classes))
     model = nn.Sequential(blocks)
-    model.cuts = {1: 1, 2: 2}
+    model.cuts = dict(CUTS["small_cnn"])
     return model
 
 
@@ -135,7 +144,7 @@ def mlp(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn.Seq
         fc3=nn.Sequential(nn.Linear(64, num_classes)),
     )
     model = nn.Sequential(blocks)
-    model.cuts = {1: 2, 2: 3}
+    model.cuts = dict(CUTS["mlp"])
     return model
 
 

@@ -251,6 +251,12 @@ class Scenario(Strict):
             for key in ("config", "local_path"):
                 if getattr(m, key) is not None:
                     raise _KeyedValueError(f"model.{key}", f"only text models take {key}; {m.name} does not")
+            from models.zoo import CUTS
+
+            cuts = CUTS.get(m.name)
+            if cuts is not None and m.cut not in cuts:
+                raise _KeyedValueError("model.cut", f"{m.name} has cuts {', '.join(map(str, sorted(cuts)))}, "
+                                                    f"got {m.cut}")
             return self
         if m.local_path is not None and m.name != "opt":
             raise _KeyedValueError("model.local_path", f"only name: opt loads local weights, not {m.name}")

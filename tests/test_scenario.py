@@ -202,3 +202,9 @@ def test_shipped_grids_plan(path):
 
     plan = plan_sweep(path)
     assert len(plan.specs) > 1
+
+
+def test_image_model_cut_is_checked_at_validation(tiny_raw):
+    """An impossible cut for an image model is a model.cut error before anything runs."""
+    err = _error(apply_overrides(tiny_raw, ["model.cut=3"]))
+    assert err.key == "model.cut" and "1, 2" in str(err)
