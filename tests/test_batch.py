@@ -169,18 +169,22 @@ def test_changed_inputs_are_refused_unless_overwrite(tmp_path, scenario_file):
     assert scen["algorithm"]["lr_client"] == 0.2
 
 
-def test_failing_run_is_recorded_and_the_batch_finishes(tmp_path, scenario_file):
-    """A variant with an impossible cut fails at run time: .failed/ with a traceback, others complete;
-    an unfinished .partial leftover (an interrupted batch) is run again."""
+def test_failing_run_is_recorded_and_the_batch_finishes(tmp_path, scenario_file, monkeypatch):
+    """A variant whose dataset is missing fails at run time: .failed/ with a traceback, others
+    complete; an unfinished .partial leftover (an interrupted batch) is run again."""
     out = tmp_path / "out"
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("SFLSIM_DATA", str(empty))
     plan = plan_compare(scenario_file, ["splitfed_v2"], "3,",
-                        variants={"splitfed_v2": {"ok": {}, "bad": {"model.cut": 3}}})
+                        variants={"splitfed_v2": {"ok": {}, "bad": {"data.dataset": "cifar10",
+                                                                    "data.root": str(empty)}}})
     (out / "runs" / "splitfed_v2-ok-seed3.partial").mkdir(parents=True)  # left by an interrupt
     result = run_batch(plan, out, workers=1, threads=1, progress=False)
     status = {o["run_id"]: o for o in result.outcomes}
     assert status["splitfed_v2-ok-seed3"]["status"] == "completed"
     bad = status["splitfed_v2-bad-seed3"]
-    assert bad["status"] == "failed" and "model.cut" in bad["error"]
+    assert bad["status"] == "failed" and "cifar10" in bad["error"] and "not found" in bad["error"]
     failed_dir = out / "runs" / "splitfed_v2-bad-seed3.failed"
     assert "Traceback" in (failed_dir / "traceback.txt").read_text()
     assert json.loads((failed_dir / "run.json").read_text())["status"] == "failed"
@@ -217,11 +221,14 @@ def test_compare_on_spawned_dask_workers(tmp_path, scenario_file):
     assert [o["status"] for o in a.outcomes] == ["completed"] * 4
 
 
-def test_cli_compare_report_and_errors(tmp_path, scenario_file, capsys):
+def test_cli_compare_report_and_errors(tmp_path, scenario_file, capsys, monkeypatch):
     """sflsim compare (exit 1 when a run failed), sflsim report, and user errors as exit 2."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("SFLSIM_DATA", str(empty))
     cmp = tmp_path / "cmp.yaml"
-    cmp.write_text(yaml.safe_dump({"base": scenario_file.name, "seeds": 1,
-                                   "variants": {"splitfed_v1": {"ok": {}, "bad": {"model.cut": 3}}}}))
+    cmp.write_text(yaml.safe_dump({"base": scenario_file.name, "seeds": 1, "variants": {"splitfed_v1": {
+        "ok": {}, "bad": {"data.dataset": "cifar10", "data.root": str(empty)}}}}))
     out = tmp_path / "out"
     rc = main(["compare", str(cmp), "--out", str(out), "--workers", "1", "--threads", "1", "--no-progress"])
     captured = capsys.readouterr()
