@@ -1,8 +1,8 @@
 """Datasets from local files and client partitioners (iid, dirichlet, shards).
 
 Nothing here downloads: a missing dataset raises ``DatasetNotFoundError`` naming every folder
-looked at and how to get the files. Readers use numpy (plus Pillow for CINIC-10 PNGs); no
-torchvision. Every random draw comes from ``simulator.rng`` keyed generators in the ``data``
+looked at and how to get the files. Readers use numpy (plus Pillow for CINIC-10 PNGs) and
+no vision package (there is no CPU build of one to rely on). Every random draw comes from ``simulator.rng`` keyed generators in the ``data``
 stream. This module never trains, never touches the simulated clock and never prints.
 
 Where files are looked for, in order (the first folder that holds a complete copy wins):
