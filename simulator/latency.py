@@ -50,17 +50,34 @@ class LatencyModel(Protocol):
 # --------------------------------------------------------------------------------------------
 # Base models
 # --------------------------------------------------------------------------------------------
+#: Delays are drawn in blocks: the k-th delay of client c is element k % DELAY_BLOCK of the
+#: block drawn from the generator keyed (seed, "time", "delay", c, k // DELAY_BLOCK). Still a
+#: pure function of (seed, c, k), but one generator per block instead of one per operation.
+DELAY_BLOCK = 256
+
+
 @dataclass
 class ClientCompute:
     """FLOPs / device speed, plus a random delay drawn per operation.
 
-    ``speeds[c]`` is client c's FLOP/s. The k-th delay of client c comes from the generator
-    keyed (seed, "time", "delay", c, k), whatever algorithm asks for it.
+    ``speeds[c]`` is client c's FLOP/s. The k-th delay of client c depends only on
+    (seed, c, k) (see ``DELAY_BLOCK``), whatever algorithm asks for it.
     """
 
     speeds: Sequence[float]
     delay: Distribution
     seed: int
+    _blocks: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def delay_of(self, client: int, k: int) -> float:
+        """The k-th random delay of ``client`` (seconds)."""
+        block, i = divmod(k, DELAY_BLOCK)
+        cached = self._blocks.get(client)
+        if cached is None or cached[0] != block:
+            g = rng.generator(self.seed, "time", "delay", client, block)
+            cached = (block, [self.delay.sample(g) for _ in range(DELAY_BLOCK)])
+            self._blocks[client] = cached
+        return cached[1][i]
 
     def duration(self, op: Op, now: float) -> float:
         speed = self.speeds[op.client]
@@ -68,7 +85,7 @@ class ClientCompute:
             raise CostError(f"client {op.client} has device speed {speed} FLOP/s; cannot price {op.kind}")
         d = op.flops / speed
         if not _is_zero(self.delay):
-            d += self.delay.sample(rng.generator(self.seed, "time", "delay", op.client, op.seq))
+            d += self.delay_of(op.client, op.seq)
         return d
 
 

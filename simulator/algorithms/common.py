@@ -167,6 +167,7 @@ class ClientBatches:
     batch_size: int
     seed: int
     cursor: dict = field(default_factory=dict)  # client -> batches drawn so far (state is data)
+    _perms: dict = field(default_factory=dict, repr=False)  # client -> (epoch, permutation): a cache
 
     def batches_per_epoch(self, client: int) -> int:
         return max(1, len(self.partitions[client]) // self.batch_size)
@@ -175,9 +176,12 @@ class ClientBatches:
         part = self.partitions[client]
         per = self.batches_per_epoch(client)
         epoch, i = divmod(k, per)
-        perm = rng.generator(self.seed, "data", "batches", client, epoch).permutation(len(part))
+        cached = self._perms.get(client)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, rng.generator(self.seed, "data", "batches", client, epoch).permutation(len(part)))
+            self._perms[client] = cached
         b = min(self.batch_size, len(part))
-        return part[perm[i * b : (i + 1) * b]]
+        return part[cached[1][i * b : (i + 1) * b]]
 
     def next(self, client: int) -> np.ndarray:
         k = self.cursor.get(client, 0)
