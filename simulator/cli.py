@@ -26,6 +26,8 @@ EPILOG = """examples:
   sflsim validate scenarios/*.yaml
   sflsim schema > sflsim-scenario.schema.json
   sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32
+  sflsim compare scenarios/quickstart.yaml --algorithms splitfed_v1,splitfed_v2 --seeds 3 --out runs/cmp
+  sflsim report runs/cmp
 Scenario keys are documented in docs/scenarios.md."""
 
 
