@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,36 +35,9 @@ from models.zoo import build_model  # noqa: E402
 from simulator import rng, zo  # noqa: E402
 from simulator.algorithms import mu_splitfed as mu  # noqa: E402
 from simulator.algorithms.common import forward, params_of  # noqa: E402
+from simulator.memory import NewStorageTracker  # noqa: E402
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages created inside the mode and still alive; the largest one."""
-
-    def __init__(self, known: list[torch.Tensor]):
-        super().__init__()
-        self._known = {id(t.untyped_storage()) for t in known}
-        self._keep = [t.untyped_storage() for t in known]
-        self._live: dict[int, int] = {}
-        self.current = self.peak = self.largest = 0
-
-    def _freed(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = id(st)
-                if key in self._known or key in self._live:
-                    continue
-                n = int(st.nbytes())
-                self._live[key] = n
-                weakref.finalize(st, self._freed, key)
-                self.current += n
-                self.largest = max(self.largest, n)
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def _mib(n: float) -> str:
@@ -85,7 +55,7 @@ def measure(cut: int, batch: int, P: int) -> list[tuple]:
 
     for direction in ("gaussian", "sphere"):
         seeds = [zo.zo_seed(0, "bench", direction, p) for p in range(P)]
-        meter = LiveBytes(list(client.values()) + [x])
+        meter = NewStorageTracker(list(client.values()) + [x])
         with meter:
             hh = mu.client_activation(parts.client, client, x)
             pairs = [(mu.probe_plus(parts.client, client, x, s, 0.005, direction),
@@ -94,14 +64,14 @@ def measure(cut: int, batch: int, P: int) -> list[tuple]:
         del hh, pairs
         rows.append((f"zo client step ({direction}, P={P})", client, meter))
 
-        meter = LiveBytes(list(server.values()) + [h, y])
+        meter = NewStorageTracker(list(server.values()) + [h, y])
         with meter:
             mu.server_zo_step(parts.server, server, h, y, seeds, 0.005, 1e-4, direction)
         rows.append((f"zo server step ({direction}, P={P})", server, meter))
 
     for name, part, inp, params in (("client", parts.client, x, client), ("server", parts.server, h, server)):
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        meter = LiveBytes(list(params.values()) + [inp, y])
+        meter = NewStorageTracker(list(params.values()) + [inp, y])
         with meter:
             out = forward(part, leaves, inp)
             loss = F.cross_entropy(out, y) if name == "server" else out.square().mean()

@@ -657,3 +657,40 @@ def memory_table(
         if measure else None
     )
     return df
+
+
+class NewStorageTracker(TorchDispatchMode):
+    """Bytes of tensor storages created inside the mode and still alive: now, peak, largest.
+
+    Storages of ``known`` tensors (parameters, inputs) are never counted, so in-place updates
+    of the parameters count nothing: what remains is what a step allocates beyond the model.
+    Used to show that a ZO step holds no parameter-sized buffer.
+    """
+
+    def __init__(self, known: Sequence[torch.Tensor]):
+        super().__init__()
+        self._known = {id(t.untyped_storage()) for t in known}
+        self._keep = [t.untyped_storage() for t in known]  # keep their ids valid
+        self._live: dict[int, int] = {}
+        self.current = self.peak = self.largest = 0
+
+    def _freed(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self._known or key in self._live:
+                    continue
+                n = int(st.nbytes())
+                self._live[key] = n
+                weakref.finalize(st, self._freed, key)
+                self.current += n
+                self.largest = max(self.largest, n)
+        self.peak = max(self.peak, self.current)
+        return out

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import copy
 import math
-import weakref
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from models.profile import profile_cut
 from models.split import split
@@ -20,6 +17,7 @@ from simulator.algorithms import ALGORITHMS
 from simulator.algorithms import mu_splitfed as mu
 from simulator.algorithms.common import params_of
 from simulator.errors import ScenarioError
+from simulator.memory import NewStorageTracker
 from simulator.runner import run_scenario
 from simulator.scenario import validate
 
@@ -272,36 +270,6 @@ def test_server_steps_reduce_the_loss_on_a_fixed_activation():
 # --------------------------------------------------------------------------------------------
 # Memory of a ZO client step
 # --------------------------------------------------------------------------------------------
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of tensor storages created inside the mode and still alive, and their peak."""
-    # Storages that exist before (parameters, inputs) are registered with ``known`` and never
-    # counted, so in-place updates of the parameters count nothing.
-
-    def __init__(self, known: list[torch.Tensor]):
-        super().__init__()
-        self._known = {id(t.untyped_storage()) for t in known}
-        self._keep = [t.untyped_storage() for t in known]  # keep their ids valid
-        self._live: dict[int, int] = {}
-        self.current = self.peak = self.largest = 0
-
-    def _freed(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = id(st)
-                if key in self._known or key in self._live:
-                    continue
-                n = int(st.nbytes())
-                self._live[key] = n
-                weakref.finalize(st, self._freed, key)
-                self.current += n
-                self.largest = max(self.largest, n)
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def test_zo_client_step_allocates_no_parameter_sized_buffer():
@@ -317,7 +285,7 @@ def test_zo_client_step_allocates_no_parameter_sized_buffer():
     param_bytes = sum(v.nbytes for v in params.values())
     seeds = [zo.zo_seed(0, "mem", p) for p in range(2)]
 
-    meter = _LiveBytes(list(params.values()) + [x])
+    meter = NewStorageTracker(list(params.values()) + [x])
     with meter:
         h = mu.client_activation(model, params, x)
         pairs = []
@@ -330,7 +298,7 @@ def test_zo_client_step_allocates_no_parameter_sized_buffer():
     assert meter.largest <= zo.CHUNK_ELEMENTS * 4
     assert meter.peak < 0.1 * param_bytes, (meter.peak, param_bytes)
 
-    fo_meter = _LiveBytes(list(params.values()) + [x])
+    fo_meter = NewStorageTracker(list(params.values()) + [x])
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with fo_meter:
         out = torch.func.functional_call(model, leaves, (x,))
