@@ -208,3 +208,12 @@ def test_image_model_cut_is_checked_at_validation(tiny_raw):
     """An impossible cut for an image model is a model.cut error before anything runs."""
     err = _error(apply_overrides(tiny_raw, ["model.cut=3"]))
     assert err.key == "model.cut" and "1, 2" in str(err)
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
+def test_resolved_shipped_scenarios_load_again(path, tmp_path):
+    """The resolved scenario.yaml a run writes loads back to the same scenario (presets included)."""
+    s = load_scenario(path)
+    p = tmp_path / "scenario.yaml"
+    p.write_text(to_yaml(s))
+    assert load_scenario(p) == s
