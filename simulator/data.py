@@ -203,7 +203,7 @@ def _missing_files(name: str, folder: Path) -> list[str]:
     raise ValueError(f"dataset {name!r} is not read from files")
 
 
-def _search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
+def search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
     """The roots to search in order, and notes on the sources that were not given."""
     roots: list[Path] = []
     notes: list[str] = []
@@ -220,7 +220,7 @@ def _search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
 
 
 def _candidate_dirs(name: str, root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
-    roots, notes = _search_roots(root)
+    roots, notes = search_roots(root)
     dirs: list[Path] = []
     for r in roots:
         dirs.extend(r / sub if sub else r for sub in _SUBDIRS[name])
@@ -563,7 +563,7 @@ def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) 
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
-def _check_limit(key: str, limit: Optional[int]) -> None:
+def check_limit(key: str, limit: Optional[int]) -> None:
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1
     ):
@@ -712,8 +712,8 @@ def load_dataset(
     train/test split of digits and mnist_small is fixed.
     """
     _check_name(name)
-    _check_limit("train_limit", train_limit)
-    _check_limit("test_limit", test_limit)
+    check_limit("train_limit", train_limit)
+    check_limit("test_limit", test_limit)
     started = time.perf_counter()
     limits = {"train": train_limit, "test": test_limit}
     scale = 255.0

