@@ -19,6 +19,14 @@ PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 
 
+class KeyedValueError(ValueError):
+    """A validation error that knows the user's dotted key (``scenario._to_scenario_error`` reads it)."""
+
+    def __init__(self, key: str, msg: str):
+        self.key = key
+        super().__init__(f"@@{key}@@{msg}")
+
+
 class Strict(BaseModel):
     """Base of every scenario section: unknown keys are errors and objects are immutable."""
 

@@ -52,12 +52,17 @@ class Simulation:
         round: Optional[int] = None,
         wait_s: float = 0.0,
         party: Optional[str] = None,
+        rng_elements: int = 0,
     ) -> Generator:
-        """Price one operation, let that much simulated time pass, and record the span."""
+        """Price one operation, let that much simulated time pass, and record the span.
+
+        Returns (``yield from``) ``(busy_s, wait_s)``: the span's duration and the seconds it
+        waited for a server slot before it started.
+        """
         key = (client, category)
         seq = self._seq[key]
         self._seq[key] = seq + 1
-        op = Op(category, kind, client, float(flops), int(nbytes), seq, round)
+        op = Op(category, kind, client, float(flops), int(nbytes), seq, round, int(rng_elements))
         start = float(self.env.now)
         duration = self.time_model.duration(op, start)
         yield self.env.timeout(duration)
@@ -72,11 +77,18 @@ class Simulation:
             wait_s=wait_s,
             flops=op.flops,
             nbytes=op.nbytes,
+            rng_elements=op.rng_elements,
         )
+        return self.env.now - start, wait_s
 
-    def compute(self, client: int, kind: str, flops: float, round: Optional[int] = None) -> Generator:
-        """Client ``client`` computes ``flops`` (its speed, slowdowns and delay apply)."""
-        return self.charge(CLIENT_COMPUTE, kind, client=client, flops=flops, round=round)
+    def compute(self, client: int, kind: str, flops: float, round: Optional[int] = None,
+                rng_elements: int = 0) -> Generator:
+        """Client ``client`` computes ``flops`` (its speed, slowdowns and delay apply).
+
+        ``rng_elements``: random numbers a ZO direction regenerates in this op, priced at
+        ``time.zo_rng_flops_per_element`` FLOP-equivalents each.
+        """
+        return self.charge(CLIENT_COMPUTE, kind, client=client, flops=flops, round=round, rng_elements=rng_elements)
 
     def send(self, client: int, direction: str, kind: str, nbytes: int, round: Optional[int] = None) -> Generator:
         """A message of ``nbytes`` between client ``client`` and the servers."""
@@ -84,21 +96,22 @@ class Simulation:
             raise ValueError(f"direction must be {UPLINK!r} or {DOWNLINK!r}, got {direction!r}")
         return self.charge(direction, kind, client=client, nbytes=nbytes, round=round)
 
-    def serve(self, kind: str, flops: float, client: Optional[int] = None, round: Optional[int] = None) -> Generator:
+    def serve(self, kind: str, flops: float, client: Optional[int] = None, round: Optional[int] = None,
+              rng_elements: int = 0) -> Generator:
         """Split Server work: wait for a free server slot, then compute ``flops``.
 
         The caller runs the real step right after this returns, before any other process
-        resumes, so real server steps happen in the order their charges complete.
+        resumes, so real server steps happen in the order their charges complete. Returns
+        ``(busy_s, wait_s)`` like ``charge``.
         """
         if self.server is None:
-            yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round)
-            return
+            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
+                                           rng_elements=rng_elements))
         with self.server.request() as req:
             asked = self.env.now
             yield req
-            yield from self.charge(
-                SERVER_COMPUTE, kind, client=client, flops=flops, round=round, wait_s=self.env.now - asked
-            )
+            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
+                                           wait_s=self.env.now - asked, rng_elements=rng_elements))
 
     def fed(self, kind: str, flops: float, round: Optional[int] = None) -> Generator:
         """Fed Server work (averaging client parts): priced at server speed, its own machine."""

@@ -23,3 +23,21 @@ class DatasetNotFoundError(UserError):
 
 class CostError(RuntimeError):
     """An operation could not be priced (e.g. zero FLOP/s). Never fall back to a zero cost."""
+
+
+class Diverged(RuntimeError):
+    """A loss or parameter became NaN or inf: the run stops at once with ``status: diverged``.
+
+    Not a bug and not bad input: a result (step sizes too large for this model, say). It says
+    where: the round (GAS: global iteration), the local step within it, and the party.
+    """
+
+    def __init__(self, what: str, *, round: int, local_step: int | None, party: str, client: int | None = None):
+        self.what, self.round, self.local_step, self.party, self.client = what, round, local_step, party, client
+        where = f"round {round}" + (f", local step {local_step}" if local_step is not None else "")
+        who = party + (f" (client {client})" if client is not None else "")
+        super().__init__(f"diverged: {what} is not finite at {where}, on the {who}")
+
+    def info(self) -> dict:
+        return {"what": self.what, "round": self.round, "local_step": self.local_step, "party": self.party,
+                "client": self.client}

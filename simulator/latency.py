@@ -39,6 +39,7 @@ class Op:
     nbytes: int = 0
     seq: int = 0
     round: Optional[int] = None
+    rng_elements: int = 0  # random numbers a ZO direction regenerates in this op (priced per element)
 
 
 class LatencyModel(Protocol):
@@ -67,6 +68,7 @@ class ClientCompute:
     speeds: Sequence[float]
     delay: Distribution
     seed: int
+    rng_flops_per_element: float = 0.0  # FLOP-equivalents of one regenerated direction element
     _blocks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def delay_of(self, client: int, k: int) -> float:
@@ -83,7 +85,7 @@ class ClientCompute:
         speed = self.speeds[op.client]
         if not speed > 0:
             raise CostError(f"client {op.client} has device speed {speed} FLOP/s; cannot price {op.kind}")
-        d = op.flops / speed
+        d = (op.flops + op.rng_elements * self.rng_flops_per_element) / speed
         if not _is_zero(self.delay):
             d += self.delay_of(op.client, op.seq)
         return d
@@ -94,11 +96,12 @@ class ServerCompute:
     """FLOPs / server speed (queueing for a free slot is the engine's job, not priced here)."""
 
     flops_per_s: float
+    rng_flops_per_element: float = 0.0  # FLOP-equivalents of one regenerated direction element
 
     def duration(self, op: Op, now: float) -> float:
         if not self.flops_per_s > 0:
             raise CostError(f"server speed is {self.flops_per_s} FLOP/s; cannot price {op.kind}")
-        return op.flops / self.flops_per_s
+        return (op.flops + op.rng_elements * self.rng_flops_per_element) / self.flops_per_s
 
 
 @dataclass
@@ -379,7 +382,8 @@ def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
         if not (up_bps[c] > 0 and down_bps[c] > 0):
             raise ScenarioError("time.network", f"client {c} drew a zero bandwidth; bandwidth must be > 0")
 
-    compute: LatencyModel = ClientCompute(speeds, as_distribution(time_cfg.client.delay_s), seed)
+    rng_cost = float(time_cfg.zo_rng_flops_per_element)
+    compute: LatencyModel = ClientCompute(speeds, as_distribution(time_cfg.client.delay_s), seed, rng_cost)
     uplink: LatencyModel = Link(up_bps, up_lat)
     downlink: LatencyModel = Link(down_bps, down_lat)
     # Order of wrapping: bandwidth changes and trace rows act on the link itself; outages wrap
@@ -411,7 +415,7 @@ def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
             downlink = Unreachable(downlink, clients, ep.start_s, ep.end_s)
     models = {
         CLIENT_COMPUTE: compute,
-        SERVER_COMPUTE: ServerCompute(time_cfg.server.flops_per_s),
+        SERVER_COMPUTE: ServerCompute(time_cfg.server.flops_per_s, rng_cost),
         UPLINK: uplink,
         DOWNLINK: downlink,
     }

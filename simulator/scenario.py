@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 from simulator.algorithms import ALGORITHMS
 from simulator.config import (
     Fraction,
+    KeyedValueError as _KeyedValueError,
     NonNegFloat,
     NonNegInt,
     PosFloat,
@@ -28,6 +29,11 @@ from simulator.config import (
     Value,
 )
 from simulator.errors import ScenarioError
+
+#: Measured by ``benchmarks/zo_cost.py`` (docs/benchmarks.md): one N(0,1) float32 drawn with
+#: torch's CPU generator in 64K chunks and added to a parameter costs as much host time as this
+#: many FLOPs of the model's own forward/backward (AlexNet server part, 1 thread).
+ZO_RNG_FLOPS_PER_ELEMENT = 500.0
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "digits", "mnist_small",
                  "tweets", "sst2")
@@ -172,6 +178,11 @@ class TimeConfig(Strict):
     trace_csv: Optional[str] = Field(
         None, description="CSV with columns client,start_s,end_s and speed_factor and/or bandwidth_mbps."
     )
+    zo_rng_flops_per_element: NonNegFloat = Field(
+        ZO_RNG_FLOPS_PER_ELEMENT,
+        description="FLOP-equivalents charged for each random number a ZO step regenerates and applies to a "
+                    "parameter (client and server, at their FLOP/s). Default measured by benchmarks/zo_cost.py "
+                    "on a 2-core x86 CPU (docs/benchmarks.md); 0 prices only the arithmetic.")
 
 
 class EvalConfig(Strict):
@@ -296,14 +307,6 @@ def _text_blocks(m: ModelConfig) -> Optional[int]:
     if isinstance(preset, str) and preset in OPT_PRESETS:
         return int(OPT_PRESETS[preset]["num_hidden_layers"])
     return None
-
-
-class _KeyedValueError(ValueError):
-    """A cross-field error that knows its own dotted key."""
-
-    def __init__(self, key: str, msg: str):
-        self.key = key
-        super().__init__(f"@@{key}@@{msg}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,26 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
-EVENT_COLUMNS = (
-    "client", "party", "kind", "round", "seq", "start_s", "end_s", "wait_s", "flops", "nbytes",
-)
+
+class Span(NamedTuple):
+    """One charged operation: a row of events.csv (read it by name, never by position)."""
+
+    client: Optional[int]
+    party: str
+    kind: str
+    round: Optional[int]
+    seq: int
+    start_s: float
+    end_s: float
+    wait_s: float
+    flops: float
+    nbytes: int
+    rng_elements: int = 0
+
+
+EVENT_COLUMNS = Span._fields
 METRIC_COLUMNS = (
     "sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down",
 )
@@ -52,7 +67,7 @@ class Recorder:
 
     def __init__(self, out_dir: Optional[Path] = None, flush_every: int = 2000):
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.events: list[tuple] = []
+        self.events: list[Span] = []
         self.metrics: list[dict] = []
         self.tables: dict[str, list[dict]] = {}
         self.bytes_up = 0
@@ -67,9 +82,10 @@ class Recorder:
             self._files["metrics"] = _CsvFile(self.out_dir / "metrics.csv", METRIC_COLUMNS)
 
     # -- spans ---------------------------------------------------------------------------
-    def span(self, *, client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes) -> None:
+    def span(self, *, client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes,
+             rng_elements: int = 0) -> None:
         """One charged operation, with the seconds it waited for the server before starting."""
-        self.events.append((client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes))
+        self.events.append(Span(client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes, rng_elements))
         if party == "uplink":
             self.bytes_up += nbytes
         elif party == "downlink":
@@ -130,7 +146,7 @@ class Recorder:
     # -- summaries -----------------------------------------------------------------------
     def busy_time(self, party: str = "server") -> float:
         """Seconds during which at least one span of ``party`` was running (union of spans)."""
-        spans = sorted((e[5], e[6]) for e in self.events if e[1] == party and e[6] > e[5])
+        spans = sorted((e.start_s, e.end_s) for e in self.events if e.party == party and e.end_s > e.start_s)
         total, cur_s, cur_e = 0.0, None, None
         for s, e in spans:
             if cur_e is None or s > cur_e:

@@ -43,7 +43,7 @@ def golden(capacity=1, name="splitfed_v1"):
 
 
 def _spans(result, client, kind):
-    return [(s, e, w) for c, _, k, _, _, s, e, w, _, _ in result.recorder.events if c == client and k == kind]
+    return [(e.start_s, e.end_s, e.wait_s) for e in result.recorder.events if e.client == client and e.kind == kind]
 
 
 def test_profile_matches_the_hand_arithmetic():
@@ -120,9 +120,9 @@ def test_charge_records_exactly_what_it_charges(tiny_raw):
 
     sim.env.process(proc())
     sim.env.run()
-    kinds = [(e[0], e[2], e[4]) for e in rec.events]
+    kinds = [(e.client, e.kind, e.seq) for e in rec.events]
     assert kinds == [(0, "a", 0), (0, "b", 1), (0, "m", 0), (0, "s", 0)]
-    assert rec.events[-1][6] == pytest.approx(sim.now)
+    assert rec.events[-1].end_s == pytest.approx(sim.now)
     with pytest.raises(ValueError):
         next(sim.send(0, "sideways", "m", 1))
 

@@ -48,6 +48,7 @@ def _scenario(**algo) -> dict:
             "server": {"flops_per_s": SERVER_FLOPS_PER_S, "capacity": 1},
             "network": {"uplink": {"bandwidth_mbps": 1e6, "latency_s": 0.1},
                         "downlink": {"bandwidth_mbps": 1e6, "latency_s": 0.1}},
+            "zo_rng_flops_per_element": 0,  # the hand arithmetic below prices FLOPs only
         },
         "eval": {"every_rounds": 1},
         "stop": {"rounds": 1},
@@ -66,9 +67,9 @@ def test_registry_and_paper_defaults():
     assert ALGORITHMS["mu_splitfed"].config is mu.MUSplitFedConfig
     assert ALGORITHMS["splitfed_zo"].config is mu.SplitFedZOConfig
     cfg = mu.MUSplitFedConfig(name="mu_splitfed")
-    assert (cfg.eta_g, cfg.eta_s, cfg.eta_c, cfg.lam) == (0.3, 0.01, 0.005, 0.005)
-    assert (cfg.batch_size, cfg.perturbations, cfg.participation) == (32, 1, 0.5)
-    assert (cfg.direction, cfg.server_optimizer, cfg.tau) == ("gaussian", "zo", 2)
+    assert (cfg.lr_global, cfg.lr_server, cfg.lr_client, cfg.zo.lam) == (0.3, 0.01, 0.005, 0.005)
+    assert (cfg.batch_size, cfg.zo.perturbations, cfg.participation, cfg.local_steps) == (32, 1, 0.5, 1)
+    assert (cfg.zo.direction, cfg.client_optimizer, cfg.server_optimizer, cfg.tau) == ("gaussian", "zo", "zo", 2)
     assert "tau" not in mu.SplitFedZOConfig.model_fields
 
 
@@ -148,7 +149,7 @@ def test_golden_timeline_adaptive_tau_with_server_contention():
 
 def test_fixed_tau_counts_and_message_sizes():
     """Fixed tau: every client takes exactly tau steps; bytes per client round are as specified."""
-    res = run_scenario(validate(_scenario(tau=3, perturbations=2)))
+    res = run_scenario(validate(_scenario(tau=3, zo={"perturbations": 2})))
     rows = res.recorder.tables["client_rounds"]
     assert [r["tau_used"] for r in rows] == [3, 3, 3]
     act, lab, model = PROF.activation_bytes, PROF.label_bytes, PROF.client_param_bytes
@@ -206,7 +207,7 @@ def test_splitfed_zo_trace_equals_mu_splitfed_tau_1(tiny_raw, tmp_path):
     outs = []
     for name, extra in (("splitfed_zo", {}), ("mu_splitfed", {"tau": 1})):
         raw = copy.deepcopy(tiny_raw)
-        raw["algorithm"] = {"name": name, "batch_size": 16, "eta_s": 0.05, "eta_c": 0.02, **extra}
+        raw["algorithm"] = {"name": name, "batch_size": 16, "lr_server": 0.05, "lr_client": 0.02, **extra}
         out = tmp_path / name
         run_scenario(validate(raw), out)
         outs.append(out)
@@ -236,7 +237,7 @@ def test_first_order_server_option_runs_and_prices_a_backward(tiny_raw):
     """server_optimizer: fo takes first-order steps priced as forward + backward + SGD axpy."""
     raw = copy.deepcopy(tiny_raw)
     raw["algorithm"] = {"name": "mu_splitfed", "batch_size": 16, "tau": 2, "server_optimizer": "fo",
-                        "eta_s": 0.1}
+                        "lr_server": 0.1}
     res = run_scenario(validate(raw))
     steps = res.events[res.events.kind == "server_fo_step"]
     assert len(steps) == 2 * 2 * 2

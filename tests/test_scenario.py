@@ -86,7 +86,7 @@ def test_stop_needs_a_bound(tiny_raw):
 def test_local_steps_xor_epochs(tiny_raw):
     """Exactly one of local_steps and local_epochs."""
     tiny_raw["algorithm"]["local_epochs"] = 1
-    assert _error(tiny_raw).key == "algorithm"
+    assert _error(tiny_raw).key == "algorithm.local_steps"
 
 
 def test_tier_shares_cannot_exceed_one(tiny_raw):

@@ -50,9 +50,9 @@ ALGOS = {
     "splitfed_v2": {"name": "splitfed_v2", "batch_size": BATCH, "local_steps": 2,
                     "lr_client": 0.05, "lr_server": 0.05},
     "mu_splitfed": {"name": "mu_splitfed", "batch_size": BATCH, "participation": 1.0, "tau": 2,
-                    "eta_s": 0.05, "eta_c": 1.0e-4, "lam": 1.0e-3},
+                    "lr_server": 0.05, "lr_client": 1.0e-4, "zo": {"lam": 1.0e-3}},
     "splitfed_zo": {"name": "splitfed_zo", "batch_size": BATCH, "participation": 1.0,
-                    "eta_s": 0.05, "eta_c": 1.0e-4, "lam": 1.0e-3},
+                    "lr_server": 0.05, "lr_client": 1.0e-4, "zo": {"lam": 1.0e-3}},
 }
 
 

@@ -42,25 +42,30 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from simulator import rng
 from simulator.algorithms.common import (
     ClientBatches,
     Params,
     RunContext,
+    TrainConfig,
+    ZOConfig,
     aggregate,
     aggregation_flops,
     batch_tensors,
+    check_finite,
+    check_params,
     clone,
     evaluate,
     forward,
     leaf,
     num_params,
     params_of,
+    refuse,
     sgd_step,
 )
-from simulator.config import NonNegFloat, PosFloat, PosInt, Strict
+from simulator.config import NonNegFloat, PosFloat, PosInt
 from simulator.errors import ScenarioError
 from simulator.gaussian_stats import GaussianStats, top_up_counts
 from simulator.latency import DOWNLINK, UPLINK
@@ -68,42 +73,52 @@ from simulator.latency import DOWNLINK, UPLINK
 log = logging.getLogger(__name__)
 
 
-class GASConfig(Strict):
-    """GAS (Yang & Liu, AAAI 2025). Defaults are the public code's settings for Fashion-MNIST."""
+class GASConfig(TrainConfig):
+    """GAS (Yang & Liu, AAAI 2025). Defaults are the public code's settings for Fashion-MNIST.
+
+    The shared vocabulary (``TrainConfig``) with GAS's meaning: ``local_steps`` is E, the local
+    iterations before a client uploads (``local_epochs``: passes over its data instead);
+    ``lr_global`` steps the model-buffer average; ``server_optimizer: zo`` is refused (the
+    server update is one SGD step on real + generated activations); ``client_optimizer: zo``
+    is MU-SplitFed's GAS variant.
+    """
 
     name: Literal["gas"]
-    batch_size: PosInt = Field(32, description="Minibatch size B; also the per-class target of the top-up.")
+    local_steps: Optional[PosInt] = Field(20, description="E: local iterations before a client uploads and is replaced (null: use local_epochs).")
+    lr_client: PosFloat = Field(0.01, description="Client learning rate.")
+    lr_server: PosFloat = Field(0.01, description="Server learning rate.")
+    momentum: NonNegFloat = Field(0.9, lt=1, description="SGD momentum of first-order steps (client and server).")
+    weight_decay: NonNegFloat = Field(5e-4, description="SGD weight decay of first-order steps (client and server).")
+    aggregation: Literal["data_size", "equal"] = Field(
+        "data_size", description="Model-buffer average: data_size (paper) or equal (code).")
+    zo: ZOConfig = Field(default_factory=lambda: ZOConfig(direction="sphere"),
+                         description="The ZO estimator of client_optimizer: zo (default direction: sphere, the paper's).")
     active_clients: PosInt = Field(10, description="Active clients C (at most data.num_clients).")
-    local_steps: PosInt = Field(20, description="Local iterations E before a client uploads and is replaced.")
     activation_buffer: Optional[PosInt] = Field(
         None, description="Q_s: minibatches per server update (null: active_clients, as the code).")
     model_buffer: Optional[PosInt] = Field(
         None, description="Q_c: client models per global iteration (null: active_clients, as the code).")
-    lr_client: PosFloat = Field(0.01, description="Client learning rate.")
-    lr_server: PosFloat = Field(0.01, description="Server learning rate.")
-    momentum: NonNegFloat = Field(0.9, lt=1, description="SGD momentum (client FO steps and server).")
-    weight_decay: NonNegFloat = Field(5e-4, description="SGD weight decay (client FO steps and server).")
     clip_norm: Optional[PosFloat] = Field(10.0, description="Clip client and server gradients to this norm (null: no clipping).")
     logit_adjustment: bool = Field(True, description="Client loss CE(s + log p_k(y), y) with p_k the client's label frequencies.")
     generate: bool = Field(True, description="Generate activations (false: the plain asynchronous SFL baseline).")
     covariance: Literal["full", "diagonal"] = Field(
         "full", description="Per-class covariance: full (the code for AlexNet) or diagonal (large activations).")
     stats_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the statistics and factors.")
-    client_optimizer: Literal["fo", "zo"] = Field(
-        "fo", description="fo: backprop of dL/dh (GAS); zo: two-point ZO client steps (MU-SplitFed's GAS variant).")
-    zo_lam: PosFloat = Field(0.005, description="ZO smoothing radius lambda (client_optimizer: zo).")
-    zo_perturbations: PosInt = Field(1, description="ZO perturbations P per client step (client_optimizer: zo).")
-    zo_direction: Literal["sphere", "gaussian"] = Field("sphere", description="ZO direction distribution.")
     # ---- quirks of the public code (default = the paper's reading) -------------------------
     client_momentum: Literal["per_client", "shared"] = Field(
         "per_client", description="Client momentum: per_client (fresh per activation) or shared (code: one buffer for all).")
     weight_growth: Literal["paper", "code"] = Field(
         "paper", description="Activation weights: paper s(n) = n (server update index) or the code's counters.")
     merge_ridge: NonNegFloat = Field(0.0, description="Ridge added to the covariance at every merge (code: 1e-5).")
-    aggregation: Literal["data_size", "equal"] = Field(
-        "data_size", description="Model-buffer average: data_size (paper) or equal (code).")
     truncate_to_batch: bool = Field(
         False, description="When generating, cut classes with more than B real activations to B (code: true).")
+
+    @model_validator(mode="after")
+    def _server_is_first_order(self):
+        if self.server_optimizer == "zo":
+            raise refuse("server_optimizer", "gas's server update is one first-order SGD step on real + generated "
+                                             "activations; ZO server steps are not implemented for gas")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +322,7 @@ class GAS:
             # Fed Server -> client: the global client model.
             yield from sim.send(client, DOWNLINK, "model_down", prof.client_param_bytes, start_it)
             buffers = self.shared_client_buffers if cfg.client_momentum == "shared" else {}
-            for _ in range(cfg.local_steps):
+            for _ in range(cfg.steps_for(self.batches.batches_per_epoch(client))):
                 if sim.stopping:
                     return
                 if cfg.client_optimizer == "zo":
@@ -341,7 +356,9 @@ class GAS:
         # The server computes dL/dh at once with its CURRENT model (it competes with updates).
         yield from sim.serve("server_gradient",
                              (prof.server_forward_flops + prof.server_backward_flops) * scale, client, it)
-        dh, _ = la_gradient(ctx.parts.server, self.server, h.detach(), y, self.log_priors[client])
+        dh, loss = la_gradient(ctx.parts.server, self.server, h.detach(), y, self.log_priors[client])
+        check_finite(loss, "client training loss", round=it, local_step=self.client_iterations, party="server",
+                     client=client)
         self.store(h.detach(), y, weight, client)
         # Split Server -> client: dL/dh; client backward and step.
         yield from sim.send(client, DOWNLINK, "gradient", int(prof.activation_bytes * scale), it)
@@ -362,12 +379,15 @@ class GAS:
         scale = len(idx) / cfg.batch_size
         x, y = batch_tensors(ctx.data, idx, ctx.device)
         it = self.iteration
-        n_p = cfg.zo_perturbations
+        n_p, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
+        n = self.client_n
+        sphere = n_p * n if direction == "sphere" else 0  # the sphere's norm pass, once per seed
         k = self.client_iterations
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
         with torch.no_grad():
             h = forward(ctx.parts.client, params, x)
-        yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale, it)
+        yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale + 6 * n_p * n, it,
+                               rng_elements=3 * n_p * n + sphere)
         yield from sim.send(client, UPLINK, "activation",
                             int(((1 + 2 * n_p) * prof.activation_bytes + prof.label_bytes) * scale), it)
         # The server evaluates the loss at the 2P perturbed activations with its current model.
@@ -380,11 +400,13 @@ class GAS:
 
         tensors = list(params.values())
         seeds = [zo.zo_seed(ctx.seed, "gas", client, k, p) for p in range(n_p)]
-        diffs = [zo.zo_probe(tensors, loss_fn, cfg.zo_lam, s, cfg.zo_direction) for s in seeds]
+        diffs = [zo.zo_probe(tensors, loss_fn, lam, s, direction) for s in seeds]
+        for d in diffs:
+            check_finite(d, "loss difference", round=it, local_step=k, party="server", client=client)
         # Split Server -> client: P scalars (fp32); the client regenerates u_p and steps.
         yield from sim.send(client, DOWNLINK, "zo_scalars", 4 * n_p, it)
-        yield from sim.compute(client, "client_zo_update", 2 * n_p * self.client_n, it)
-        zo.zo_update_(tensors, seeds, [d / (2 * cfg.zo_lam) for d in diffs], cfg.lr_client, cfg.zo_direction)
+        yield from sim.compute(client, "client_zo_update", 2 * n_p * n, it, rng_elements=n_p * n)
+        zo.zo_update_(tensors, seeds, [d / (2 * lam) for d in diffs], cfg.lr_client, direction)
 
     # ---- the activation buffer -----------------------------------------------------------------
     def activation_weight(self, weight: float) -> float:
@@ -437,6 +459,7 @@ class GAS:
         start = sim.now
         yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.iteration)
         loss = server_sgd_step(self.ctx.parts.server, self.server, job.h, job.y, cfg, self.server_buffers)
+        check_finite(loss, "server training loss", round=self.iteration, local_step=None, party="server")
         self.updates_done += 1
         self.server_losses.append(loss)
         sim.recorder.table("gas_server_steps", {
@@ -459,7 +482,8 @@ class GAS:
             weights = [float(self.sizes[c]) for c, _, _ in entries]
         else:
             weights = [1.0] * len(entries)
-        self.client_global = aggregate(self.client_global, [p for _, p, _ in entries], weights)
+        self.client_global = aggregate(self.client_global, [p for _, p, _ in entries], weights, cfg.lr_global)
+        check_params(self.client_global, "client model", round=it, party="fed server")
         if cfg.weight_growth == "code":
             self.total_weight += self.updates_triggered  # code: total_weight_count += local_epoch
         self.iteration += 1

@@ -3,25 +3,32 @@
 Source: the MU-SplitFed paper (arXiv 2510.21155, NeurIPS 2025), its Algorithm 1, as
 summarised in docs/algorithms.md ("MU-SplitFed"); how it is simulated: docs/mu_splitfed.md.
 Also ``splitfed_zo``, the paper's "vanilla SplitFed": the same algorithm with tau = 1 (its
-own config, no tau field). This module never prices anything itself (the engine does) and
+own config, no tau field). Step sizes use the shared vocabulary: the paper's eta_c, eta_s and
+eta_g are ``lr_client``, ``lr_server`` and ``lr_global``; lambda, P and the direction are ``zo``. This module never prices anything itself (the engine does) and
 never touches another algorithm's state.
 
-Per round t, for each participating client m, in parallel (banners below map to these lines):
+This module also holds the round-based exchange that SplitFed V1/V2 use (``SplitRounds``):
+every round-based algorithm is this class with other settings, so one key means one thing.
+
+Per round t, for each participating client m, in parallel, ``local_steps`` times (or
+``local_epochs`` passes; the paper's Algorithm 1 as written does ONE local iteration per round),
+each local iteration being the whole exchange below (banners map to these lines):
 
   1. the client part starts from the global x_c (downloaded, timed); the Split Server starts
      a server copy x_s,m from the global x_s (one copy per client, SplitFed-V1 style);
-  2. the client samples ONE minibatch, computes h = h(x_c; xi) and sends h and the labels at
+  2. the client samples a minibatch, computes h = h(x_c; xi) and sends h and the labels at
      once; then, for p = 1..P, h+_p = h(x_c + lam u_p; xi) and h-_p = h(x_c - lam u_p; xi),
      each sent as soon as it is computed (the client's messages queue on its uplink, FIFO);
   3. when h arrives the server runs tau local steps on x_s,m, all reusing (h, y): ZO steps
      (the paper: two-point, fresh u_s per step, step size eta_s) or first-order SGD steps
      (``server_optimizer: fo``). Each step is one server job: the steps of all clients
-     compete for the server's slots;
+     compete for the server's slots (a first-order client, ``client_optimizer: fo``, sends h
+     only; after the tau steps the server returns dL/dh computed with its UPDATED copy);
   4. after its tau steps AND the arrival of the 2P perturbed activations, the server
      computes delta_p = F(x_s,m; h+_p) - F(x_s,m; h-_p) with the UPDATED copy and sends the
      P scalars (float32) down in one message;
-  5. the client regenerates u_p and updates x_c,m = x_c - eta_c/P sum_p delta_p/(2 lam) u_p,
-     then uploads x_c,m;
+  5. the client regenerates u_p and updates x_c,m = x_c - eta_c/P sum_p delta_p/(2 lam) u_p;
+     after its last local iteration it uploads x_c,m;
   6. round end: the Fed Server and the Split Server each apply x = x + eta_g * mean_m(x_m - x).
 
 ``tau: adaptive`` (an option of ours; the paper uses fixed tau): the server keeps stepping
@@ -36,11 +43,13 @@ Choices where the paper is silent (also in docs/mu_splitfed.md):
 - server ZO step FLOPs: 2P server forwards (no unperturbed forward: the central difference
   does not need it; the recorded training loss is the free midpoint (F+ + F-)/2) plus the
   in-place passes over the server parameters (3 per probe and 1 per update, 2 FLOPs per
-  element each); a first-order server step is the profiled forward + backward (the backward
+  element each), and the random numbers those passes regenerate (4P per parameter, 5P with
+  ``sphere``'s norm pass) as ``rng_elements``, priced at ``time.zo_rng_flops_per_element``;
+  a first-order server step is the profiled forward + backward (the backward
   includes dL/dh, which this step does not need: a slight overestimate) plus the SGD axpy;
 - client perturbed forwards carry their in-place passes: h+ one pass, h- two (the -2 lam
-  move and the restore); the client ZO update is one pass per perturbation. Generating u is
-  not counted in FLOPs (like the elementwise ops that FlopCounterMode does not count);
+  move and the restore); the client ZO update is one pass per perturbation. Each pass
+  regenerates u: its random numbers are charged as ``rng_elements`` (docs/time-model.md);
 - each client message takes its uplink in turn (a client sends one message at a time).
 """
 from __future__ import annotations
@@ -51,7 +60,7 @@ from typing import Literal, Union
 import simpy
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from simulator.algorithms.common import (
     ClientBatches,
@@ -62,12 +71,15 @@ from simulator.algorithms.common import (
     aggregation_flops,
     aggregation_weights,
     batch_tensors,
+    check_finite,
+    check_params,
     clone,
     evaluate,
     forward,
     leaf,
     num_params,
     params_of,
+    refuse,
     select_clients,
     sgd_step,
 )
@@ -80,33 +92,37 @@ SCALAR_BYTES = 4  # a loss difference travels as float32
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration (paper defaults: Table 6 of arXiv 2510.21155)
+# Configuration (paper defaults: Table 6 of arXiv 2510.21155, one local iteration per round)
 # --------------------------------------------------------------------------------------------
 class ZOSplitConfig(RoundConfig):
-    """Options shared by mu_splitfed and splitfed_zo (defaults: the paper's Table 6)."""
+    """Options shared by mu_splitfed and splitfed_zo (defaults: the paper's Table 6, as written)."""
 
     participation: Fraction = Field(0.5, description="Fraction of clients taking part in each round (paper: 5 of 10).")
-    eta_g: PosFloat = Field(0.3, description="Global step: x = x + eta_g * mean(x_m - x) on both sides at round end.")
-    eta_s: PosFloat = Field(0.01, description="Server step size (ZO or first-order SGD) for each of the tau local steps.")
-    eta_c: PosFloat = Field(0.005, description="Client ZO step size.")
-    lam: PosFloat = Field(0.005, description="ZO smoothing radius lambda (client probes and server ZO steps).")
-    perturbations: PosInt = Field(1, description="P: directions per ZO estimate (client: 2P perturbed activations).")
-    direction: Literal["gaussian", "sphere"] = Field(
-        "gaussian", description="ZO direction: N(0, I) (the authors' code) or uniform on the sphere of radius sqrt(d) (the paper)."
-    )
-    server_optimizer: Literal["zo", "fo"] = Field(
-        "zo", description="Server local steps: zeroth-order (the paper) or first-order SGD (backprop on the server part)."
-    )
+    local_steps: Union[PosInt, None] = Field(
+        1, description="Local iterations per client per round (paper's Algorithm 1 as written: 1); null: use local_epochs.")
+    client_optimizer: Literal["fo", "zo"] = Field(
+        "zo", description="zo: the paper's ZO client (2P perturbed activations); fo: backprop of dL/dh from the updated server copy.")
+    server_optimizer: Literal["fo", "zo"] = Field(
+        "zo", description="Server local steps: zeroth-order (the paper) or first-order SGD (backprop on the server part).")
+    lr_client: PosFloat = Field(0.005, description="Client step size (paper: eta_c = 0.005).")
+    lr_server: PosFloat = Field(0.01, description="Server step size of each of the tau local steps (paper: eta_s = 0.01).")
+    lr_global: PosFloat = Field(0.3, description="Global step x = x + lr_global * mean_m(x_m - x), both sides (paper: eta_g = 0.3).")
 
 
 class MUSplitFedConfig(ZOSplitConfig):
-    """MU-SplitFed: tau unbalanced server steps per client and round."""
+    """MU-SplitFed: tau unbalanced server steps per client and local iteration."""
 
     name: Literal["mu_splitfed"]
     tau: Union[PosInt, Literal["adaptive"]] = Field(
-        2, description="Server local steps per client and round, or 'adaptive' (step until the perturbed activations arrive)."
-    )
-    tau_max: PosInt = Field(8, description="Most server steps per client and round with tau: adaptive (ignored otherwise).")
+        2, description="Server local steps per client and local iteration, or 'adaptive' (step until the perturbed activations arrive).")
+    tau_max: PosInt = Field(8, description="Most server steps per local iteration with tau: adaptive (ignored otherwise).")
+
+    @model_validator(mode="after")
+    def _adaptive_needs_zo_client(self):
+        if self.tau == "adaptive" and self.client_optimizer == "fo":
+            raise refuse("tau", "adaptive steps until the client's perturbed activations arrive, and a "
+                                "first-order client sends none; use a fixed tau or client_optimizer: zo")
+        return self
 
 
 class SplitFedZOConfig(ZOSplitConfig):
@@ -159,13 +175,22 @@ def server_zo_step(module, params: Params, h: torch.Tensor, y: torch.Tensor, see
     return loss
 
 
-def server_fo_step(module, params: Params, h: torch.Tensor, y: torch.Tensor, lr: float, aux=None) -> float:
+def server_fo_step(module, params: Params, h: torch.Tensor, y: torch.Tensor, lr: float, aux=None,
+                   momentum: float = 0.0, weight_decay: float = 0.0, buffers: dict | None = None) -> float:
     """One first-order SGD step on the server copy (in place); returns the loss before it."""
     p = leaf(params)
     loss = _server_loss(module, p, h.detach(), y, aux)
     grads = torch.autograd.grad(loss, list(p.values()))
-    sgd_step(params, dict(zip(p, grads)), lr)
+    sgd_step(params, dict(zip(p, grads)), lr, momentum, weight_decay, buffers)
     return float(loss.detach())
+
+
+def server_gradient(module, params: Params, h: torch.Tensor, y: torch.Tensor, aux=None) -> tuple[torch.Tensor, float]:
+    """dL/dh at the (unchanged) server params: what a first-order client gets back."""
+    h = h.detach().requires_grad_(True)
+    loss = _server_loss(module, params, h, y, aux)
+    (dh,) = torch.autograd.grad(loss, h)
+    return dh, float(loss.detach())
 
 
 @torch.no_grad()
@@ -184,19 +209,20 @@ def loss_differences(module, params: Params, pairs: list[tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _ClientRound:
-    """What one client's round did (one row of client_rounds.csv)."""
+    """What one local iteration of one client did (one row of client_rounds.csv)."""
 
     round: int
     client: int
     start_s: float
+    local_step: int = 0
     tau_used: int = 0
     h_arrival_s: float = float("nan")
     perturbed_arrival_s: float = float("nan")
     server_steps_s: float = 0.0  # busy time of this client's tau local steps
-    server_loss_diff_s: float = 0.0  # busy time of the final loss differences
+    server_loss_diff_s: float = 0.0  # busy time of the final loss differences (or dL/dh)
     server_queue_s: float = 0.0  # time this client's server jobs waited for a slot
     server_idle_s: float = 0.0  # after the local steps, waiting for the perturbed activations
-    client_wait_s: float = 0.0  # client: end of its last probe -> scalars received
+    client_wait_s: float = 0.0  # client: end of its last probe (or its upload of h) -> answer received
     bytes_up: int = 0
     bytes_down: int = 0
     server_loss: float = float("nan")
@@ -206,20 +232,30 @@ class _ClientRound:
         return dict(self.__dict__)
 
 
-class MUSplitFed:
-    """MU-SplitFed (and splitfed_zo, which has no tau field and so runs tau = 1)."""
+class SplitRounds:
+    """Round-based split learning: MU-SplitFed, splitfed_zo and SplitFed V1/V2.
 
-    def __init__(self, ctx: RunContext):
+    ``shared_server``: one server model updated in arrival order (V2) instead of a copy per
+    client averaged at round end. ``tau``: server steps per local iteration (int or
+    'adaptive'). ``dh_with_step``: a first-order client gets dL/dh from the backward pass of
+    the server's (single) step, as SplitFed does; otherwise from the copy after its tau steps.
+    ``table``: write client_rounds.csv (one row per local iteration of a client).
+    """
+
+    def __init__(self, ctx: RunContext, *, shared_server: bool = False, tau: Union[int, str] = 1, tau_max: int = 1,
+                 dh_with_step: bool = False, table: bool = True):
         self.ctx, self.cfg = ctx, ctx.cfg
         cfg = self.cfg
-        for part in ("client", "server"):
+        for part, opt in (("client", cfg.client_optimizer), ("server", cfg.server_optimizer)):
             frozen = [n for n, p in getattr(ctx.parts, part).named_parameters() if not p.requires_grad]
-            if frozen:  # ZO perturbs every parameter of a part: refuse rather than train frozen ones
-                raise UserError(f"{cfg.name} trains every {part} parameter, but these are frozen: {frozen[:5]}")
-        self.tau: Union[int, str] = getattr(cfg, "tau", 1)
-        self.tau_max: int = getattr(cfg, "tau_max", 1)
+            if opt == "zo" and frozen:  # ZO perturbs every parameter of a part: refuse rather than train frozen ones
+                raise UserError(f"{cfg.name} with {part}_optimizer zo trains every {part} parameter, "
+                                f"but these are frozen: {frozen[:5]}")
+        self.shared_server, self.dh_with_step, self.table = shared_server, dh_with_step, table
+        self.tau, self.tau_max = tau, tau_max
         self.client_global: Params = params_of(ctx.parts.client)
         self.server_global: Params = params_of(ctx.parts.server)
+        self.server_buffers: dict = {}  # V2's shared server momentum (persists across rounds)
         self.batches = ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed)
         self.round = 0
         self.client_n = num_params(self.client_global)
@@ -231,6 +267,16 @@ class MUSplitFed:
     def evaluate(self, x, y, batch_size):
         return evaluate(self.ctx.parts, self.client_global, self.server_global, x, y, batch_size, self.ctx.device)
 
+    def steps_for(self, client: int) -> int:
+        """Local iterations of ``client`` per round (local_steps, or local_epochs passes)."""
+        return self.cfg.steps_for(self.batches.batches_per_epoch(client))
+
+    def _rng(self, n: int, passes: int, seeds: int = 0) -> int:
+        """Random numbers regenerated by ``passes`` in-place passes over n parameters, plus the
+        sphere direction's norm pass once per new seed."""
+        extra = seeds if self.cfg.zo.direction == "sphere" else 0
+        return n * (passes + extra)
+
     # ---- timed helpers -----------------------------------------------------------------------
     def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
         """Queue on client c's uplink, send, then trigger ``arrived`` (value: arrival time)."""
@@ -241,29 +287,98 @@ class MUSplitFed:
         rec.bytes_up += nbytes
         arrived.succeed(sim.now)
 
-    def _serve(self, kind: str, flops: float, c: int, r: int) -> tuple[float, float]:
-        """One Split Server job; returns (busy seconds, seconds waited for a slot)."""
-        sim = self.ctx.sim
-        yield from sim.serve(kind, flops, c, r)
-        ev = sim.recorder.events[-1]  # the span just recorded: (client, party, kind, ..., start, end, wait, ...)
-        assert ev[0] == c and ev[2] == kind, "the engine recorded another span in between"
-        return ev[6] - ev[5], ev[7]
-
     # ---- one client's round ------------------------------------------------------------------
     def client_round(self, c: int, r: int, out: dict):
         ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
-        env, parts = sim.env, ctx.parts
-        P, lam = cfg.perturbations, cfg.lam
-        rec = _ClientRound(round=r, client=c, start_s=float(sim.now))
-        self.records.append(rec)
+        zo_client = cfg.client_optimizer == "zo"
+        steps = self.steps_for(c)
+        recs = [_ClientRound(round=r, client=c, start_s=float(sim.now), local_step=k) for k in range(steps)]
+        self.records.extend(recs)
 
-        # Line 1: the client downloads x_c; the Split Server starts its copy x_s,m.
+        # Line 1: the client downloads x_c; the Split Server starts its copy x_s,m (V2: shares one).
         yield from sim.send(c, DOWNLINK, "model_down", prof.client_param_bytes, r)
-        rec.bytes_down += prof.client_param_bytes
+        recs[0].bytes_down += prof.client_param_bytes
         client = clone(self.client_global)
-        server = clone(self.server_global)
+        client_buf: dict = {}
+        if self.shared_server:
+            server, server_buf = self.server_global, self.server_buffers
+        else:
+            server, server_buf = clone(self.server_global), {}
 
-        # Line 2: ONE minibatch; h at once, then the 2P perturbed activations as they are ready.
+        for k, rec in enumerate(recs):
+            rec.start_s = float(sim.now)
+            if zo_client:
+                yield from self.zo_exchange(c, r, k, client, server, server_buf, rec)
+            else:
+                yield from self.fo_exchange(c, r, k, client, client_buf, server, server_buf, rec)
+            rec.end_s = float(sim.now)
+
+        # Client -> Fed Server: x_c,m (a ZO client's uplink may still be in use: it queues).
+        if zo_client:
+            up_done = sim.env.event()
+            yield sim.env.process(self._upload(c, r, "model_up", prof.client_param_bytes, recs[-1], up_done))
+        else:
+            yield from sim.send(c, UPLINK, "model_up", prof.client_param_bytes, r)
+            recs[-1].bytes_up += prof.client_param_bytes
+        recs[-1].end_s = float(sim.now)
+        out[c] = (client, server)
+        if self.table:
+            for rec in recs:
+                sim.recorder.table("client_rounds", rec.row())
+
+    # ---- a first-order client's local iteration ------------------------------------------------
+    def fo_exchange(self, c, r, k, client: Params, client_buf: dict, server: Params, server_buf: dict,
+                    rec: _ClientRound):
+        """Forward, h up, the server's step(s), dL/dh down, client backward and SGD step."""
+        from simulator.algorithms.splitfed import client_backward_step, server_step
+
+        ctx, cfg, sim, prof, parts = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile, self.ctx.parts
+        idx = self.batches.next(c)
+        scale = len(idx) / cfg.batch_size
+        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        # Client forward on its minibatch.
+        yield from sim.compute(c, "client_forward", prof.client_forward_flops * scale, r)
+        p = leaf(client)
+        h = forward(parts.client, p, x)
+        aux = parts.aux(x) if hasattr(parts, "aux") else None
+        # Client -> Split Server: smashed data h and labels.
+        nbytes = int((prof.activation_bytes + prof.label_bytes) * scale)
+        yield from sim.send(c, UPLINK, "activation", nbytes, r)
+        rec.bytes_up += nbytes
+        rec.h_arrival_s = float(sim.now)
+        fb = (prof.server_forward_flops + prof.server_backward_flops) * scale
+        if self.dh_with_step:
+            # SplitFed: one server forward/backward (queues for a slot), real step right after.
+            busy, queued = yield from sim.serve("server_step", fb, c, r)
+            rec.server_steps_s += busy
+            rec.server_queue_s += queued
+            rec.tau_used = 1
+            dh, loss = server_step(parts.server, server, h.detach(), y, cfg, server_buf, aux)
+        else:
+            # MU-SplitFed with a first-order client: tau steps, then dL/dh from the updated copy.
+            yield from self.server_steps(c, r, k, server, server_buf, h.detach(), y, aux, rec, ())
+            busy, queued = yield from sim.serve("server_gradient", fb, c, r)
+            rec.server_loss_diff_s += busy
+            rec.server_queue_s += queued
+            dh, loss = server_gradient(parts.server, server, h, y, aux)
+        rec.server_loss = loss
+        check_finite(loss, "training loss", round=r, local_step=k, party="server", client=c)
+        # Split Server -> client: dL/dh.
+        up_done = sim.now
+        yield from sim.send(c, DOWNLINK, "gradient", int(prof.activation_bytes * scale), r)
+        rec.bytes_down += int(prof.activation_bytes * scale)
+        rec.client_wait_s = float(sim.now - up_done)
+        yield from sim.compute(c, "client_backward", prof.client_backward_flops * scale, r)
+        client_backward_step(client, p, h, dh, cfg, client_buf)
+
+    # ---- a ZO client's local iteration ---------------------------------------------------------
+    def zo_exchange(self, c, r, k, client: Params, server: Params, server_buf: dict, rec: _ClientRound):
+        """Lines 2-5: h and 2P perturbed activations up, tau server steps, P scalars down, ZO update."""
+        ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
+        env, parts = sim.env, ctx.parts
+        P, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
+
+        # Line 2: a minibatch; h at once, then the 2P perturbed activations as they are ready.
         idx = self.batches.next(c)
         scale = len(idx) / cfg.batch_size
         x, y = batch_tensors(ctx.data, idx, ctx.device)
@@ -279,56 +394,79 @@ class MUSplitFed:
         scalars = env.event()
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, h_arrived))
-        server_proc = env.process(self.server_side(c, r, server, h, y, aux, pairs, h_arrived, perturbed, scalars, rec))
+        server_proc = env.process(self.server_side(c, r, k, server, server_buf, h, y, aux, pairs, h_arrived,
+                                                   perturbed, scalars, rec))
 
-        seeds = [zo_seed(ctx.seed, "client", r, c, p) for p in range(P)]
+        n = self.client_n
+        seeds = [zo_seed(ctx.seed, "client", r, c, k, p) for p in range(P)]
         for p, s in enumerate(seeds):
-            yield from sim.compute(c, "client_forward_plus", fwd + 2 * self.client_n, r)
-            hp = probe_plus(parts.client, client, x, s, lam, cfg.direction)
+            yield from sim.compute(c, "client_forward_plus", fwd + 2 * n, r, rng_elements=self._rng(n, 1, 1))
+            hp = probe_plus(parts.client, client, x, s, lam, direction)
             env.process(self._upload(c, r, "activation_plus", act_bytes, rec, perturbed[2 * p]))
-            yield from sim.compute(c, "client_forward_minus", fwd + 4 * self.client_n, r)
-            hm = probe_minus(parts.client, client, x, s, lam, cfg.direction)
+            yield from sim.compute(c, "client_forward_minus", fwd + 4 * n, r, rng_elements=self._rng(n, 2))
+            hm = probe_minus(parts.client, client, x, s, lam, direction)
             env.process(self._upload(c, r, "activation_minus", act_bytes, rec, perturbed[2 * p + 1]))
             pairs.append((hp, hm))
 
-        # Line 5: wait for the P scalars, then the ZO update and the upload of x_c,m.
+        # Line 5: wait for the P scalars, then the ZO update.
         probes_done = sim.now
         deltas = yield scalars
         rec.client_wait_s = float(sim.now - probes_done)
-        yield from sim.compute(c, "client_zo_update", 2 * self.client_n * P, r)
-        client_zo_update(client, seeds, deltas, lam, cfg.eta_c, cfg.direction)
-        up_done = env.event()
-        yield env.process(self._upload(c, r, "model_up", prof.client_param_bytes, rec, up_done))
+        for d in deltas:
+            check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
+        yield from sim.compute(c, "client_zo_update", 2 * n * P, r, rng_elements=self._rng(n, P))
+        client_zo_update(client, seeds, deltas, lam, cfg.lr_client, direction)
         yield server_proc
-        rec.end_s = float(sim.now)
-        out[c] = (client, server)
-        sim.recorder.table("client_rounds", rec.row())
 
-    # ---- the Split Server's side of one client's round ---------------------------------------
-    def server_side(self, c, r, server: Params, h, y, aux, pairs, h_arrived, perturbed, scalars, rec: _ClientRound):
-        ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
-        P, lam = cfg.perturbations, cfg.lam
+    # ---- the Split Server's side of one ZO local iteration ------------------------------------
+    def server_side(self, c, r, k, server: Params, server_buf: dict, h, y, aux, pairs, h_arrived, perturbed,
+                    scalars, rec: _ClientRound):
+        cfg, sim, prof = self.cfg, self.ctx.sim, self.ctx.profile
+        P = cfg.zo.perturbations
         scale = len(y) / cfg.batch_size
         rec.h_arrival_s = float((yield h_arrived))
 
         # Line 3: tau local steps on x_s,m, all reusing (h, y); they start as h arrives.
+        yield from self.server_steps(c, r, k, server, server_buf, h, y, aux, rec, perturbed)
+        steps_end = sim.now
+
+        # Line 4: with the UPDATED copy, once the perturbed activations are in, the P scalars.
+        arrivals = yield sim.env.all_of(perturbed)
+        rec.perturbed_arrival_s = float(max(arrivals.values()))
+        rec.server_idle_s = float(max(0.0, sim.now - steps_end))
+        busy, queued = yield from sim.serve("server_loss_diff", 2 * P * prof.server_forward_flops * scale, c, r)
+        rec.server_loss_diff_s += busy
+        rec.server_queue_s += queued
+        deltas = loss_differences(self.ctx.parts.server, server, pairs, y, aux)
+        yield from sim.send(c, DOWNLINK, "loss_diff", SCALAR_BYTES * P, r)
+        rec.bytes_down += SCALAR_BYTES * P
+        scalars.succeed(deltas)
+
+    def server_steps(self, c, r, k, server: Params, server_buf: dict, h, y, aux, rec: _ClientRound, perturbed):
+        """Line 3: tau (or adaptive) server steps on (h, y), each one server job."""
+        ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
+        P, lam = cfg.zo.perturbations, cfg.zo.lam
+        scale = len(y) / cfg.batch_size
+        n = self.server_n
         if cfg.server_optimizer == "zo":
-            kind = "server_zo_step"
-            flops = 2 * P * prof.server_forward_flops * scale + 8 * P * self.server_n
+            kind, rng_elements = "server_zo_step", self._rng(n, 4 * P, P)
+            flops = 2 * P * prof.server_forward_flops * scale + 8 * P * n
         else:
-            kind = "server_fo_step"
-            flops = (prof.server_forward_flops + prof.server_backward_flops) * scale + 2 * self.server_n
+            kind, rng_elements = "server_fo_step", 0
+            flops = (prof.server_forward_flops + prof.server_backward_flops) * scale + 2 * n
         steps = 0
         while True:
-            busy, queued = yield from self._serve(kind, flops, c, r)
+            busy, queued = yield from sim.serve(kind, flops, c, r, rng_elements=rng_elements)
             rec.server_steps_s += busy
             rec.server_queue_s += queued
             if cfg.server_optimizer == "zo":
-                seeds = [zo_seed(ctx.seed, "server", r, c, steps, p) for p in range(P)]
-                rec.server_loss = server_zo_step(ctx.parts.server, server, h, y, seeds, lam, cfg.eta_s,
-                                                 cfg.direction, aux)
+                seeds = [zo_seed(ctx.seed, "server", r, c, k, steps, p) for p in range(P)]
+                loss = server_zo_step(ctx.parts.server, server, h, y, seeds, lam, cfg.lr_server, cfg.zo.direction, aux)
             else:
-                rec.server_loss = server_fo_step(ctx.parts.server, server, h, y, cfg.eta_s, aux)
+                loss = server_fo_step(ctx.parts.server, server, h, y, cfg.lr_server, aux, cfg.momentum,
+                                      cfg.weight_decay, server_buf)
+            rec.server_loss = loss
+            check_finite(loss, "server training loss", round=r, local_step=k, party="server", client=c)
             steps += 1
             if self.tau == "adaptive":
                 if steps >= self.tau_max or all(e.triggered for e in perturbed):
@@ -336,19 +474,6 @@ class MUSplitFed:
             elif steps >= self.tau:
                 break
         rec.tau_used = steps
-        steps_end = sim.now
-
-        # Line 4: with the UPDATED copy, once the perturbed activations are in, the P scalars.
-        arrivals = yield sim.env.all_of(perturbed)
-        rec.perturbed_arrival_s = float(max(arrivals.values()))
-        rec.server_idle_s = float(max(0.0, sim.now - steps_end))
-        busy, queued = yield from self._serve("server_loss_diff", 2 * P * prof.server_forward_flops * scale, c, r)
-        rec.server_loss_diff_s += busy
-        rec.server_queue_s += queued
-        deltas = loss_differences(ctx.parts.server, server, pairs, y, aux)
-        yield from sim.send(c, DOWNLINK, "loss_diff", SCALAR_BYTES * P, r)
-        rec.bytes_down += SCALAR_BYTES * P
-        scalars.succeed(deltas)
 
     # ---- the run -------------------------------------------------------------------------------
     def process(self):
@@ -359,30 +484,37 @@ class MUSplitFed:
             results: dict = {}
             procs = [sim.env.process(self.client_round(c, r, results)) for c in clients]
             yield sim.env.all_of(procs)
-            # Line 6: x = x + eta_g * mean_m(x_m - x), Fed Server and Split Server in parallel.
+            # Line 6: x = x + lr_global * mean_m(x_m - x), Fed Server and Split Server in parallel.
             weights = aggregation_weights(cfg.aggregation, clients, ctx.partitions)
             m = len(clients)
-            jobs = [
-                sim.env.process(sim.fed("aggregate_client", aggregation_flops(self.client_n, m), r)),
-                sim.env.process(sim.serve("aggregate_server", aggregation_flops(self.server_n, m), None, r)),
-            ]
+            jobs = [sim.env.process(sim.fed("aggregate_client", aggregation_flops(self.client_n, m), r))]
+            if not self.shared_server:
+                jobs.append(sim.env.process(sim.serve("aggregate_server", aggregation_flops(self.server_n, m), None, r)))
             yield sim.env.all_of(jobs)
-            self.client_global = aggregate(self.client_global, [results[c][0] for c in clients], weights, cfg.eta_g)
-            self.server_global = aggregate(self.server_global, [results[c][1] for c in clients], weights, cfg.eta_g)
+            self.client_global = aggregate(self.client_global, [results[c][0] for c in clients], weights, cfg.lr_global)
+            check_params(self.client_global, "client model", round=r, party="fed server")
+            if not self.shared_server:
+                self.server_global = aggregate(self.server_global, [results[c][1] for c in clients], weights,
+                                               cfg.lr_global)
+            check_params(self.server_global, "server model", round=r, party="split server")
             self.round += 1
             sim.end_round(r)
 
     def summary_extra(self) -> dict:
-        """Totals over every client round, under the key ``mu_splitfed`` of summary.json."""
-        done = [r for r in self.records if r.end_s == r.end_s]  # finished rounds (end_s is not NaN)
+        """Totals over every local iteration, under the key ``mu_splitfed`` of summary.json."""
+        if not self.table:
+            return {}
+        done = [r for r in self.records if r.end_s == r.end_s]  # finished local iterations (end_s is not NaN)
         n = len(done)
         taus = [r.tau_used for r in done]
         return {
             "mu_splitfed": {
                 "tau": self.tau,
                 "tau_max": self.tau_max if self.tau == "adaptive" else None,
+                "client_optimizer": self.cfg.client_optimizer,
                 "server_optimizer": self.cfg.server_optimizer,
-                "client_rounds": n,
+                "client_rounds": len({(r.round, r.client) for r in done}),
+                "local_iterations": n,
                 "mean_tau_used": (sum(taus) / n) if n else None,
                 "min_tau_used": min(taus) if taus else None,
                 "max_tau_used": max(taus) if taus else None,
@@ -399,5 +531,10 @@ class MUSplitFed:
         }
 
 
-def build(ctx: RunContext) -> MUSplitFed:
-    return MUSplitFed(ctx)
+#: The class every round-based algorithm runs (the old name, kept for readers of the paper).
+MUSplitFed = SplitRounds
+
+
+def build(ctx: RunContext) -> SplitRounds:
+    """mu_splitfed (tau from its config) and splitfed_zo (tau 1)."""
+    return SplitRounds(ctx, tau=getattr(ctx.cfg, "tau", 1), tau_max=getattr(ctx.cfg, "tau_max", 1))
