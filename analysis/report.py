@@ -36,6 +36,7 @@ from analysis.traces import (
     add_labels,
     find_runs,
     group_columns,
+    load_diverged,
     load_events,
     load_runs,
     load_scenario,
@@ -183,6 +184,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
 
     runs = load_runs(src)
     summaries = load_summaries(src)
+    diverged = load_diverged(src)  # results, but in no mean: counted per row and listed
     batch = _read_json(src / "batch.json") or {}
     statuses = _read_runs_csv(src / "runs.csv")
     first_dirs = list(dict.fromkeys(runs["run_dir"]))
@@ -191,7 +193,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     per_run = per_run_table(runs, [], summaries)
     chosen = list(targets) if targets else default_targets(per_run, [t for t in scen_targets if t])
     per_run = per_run_table(runs, chosen, summaries)
-    summary = summary_table(per_run, chosen, baseline)
+    summary = summary_table(per_run, chosen, baseline, diverged=diverged)
     paired = paired_table(per_run, chosen, baseline)
     base_label = summary.attrs.get("baseline")
 
@@ -199,6 +201,9 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     per_run.to_csv(tab_dir / "per_run.csv", index=False)
     summary.to_csv(tab_dir / "summary.csv", index=False)
     paired.to_csv(tab_dir / "paired.csv", index=False)
+    (tab_dir / "diverged.csv").unlink(missing_ok=True)
+    if len(diverged):
+        diverged.to_csv(tab_dir / "diverged.csv", index=False)
     fsum, fpair = format_summary(summary, chosen), format_paired(paired[paired["n"] > 0])
     (tab_dir / "summary.md").write_text(markdown_table(fsum) + "\n")
     (tab_dir / "paired.md").write_text(markdown_table(fpair) + "\n")
@@ -207,7 +212,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     title = f"Report: {src.resolve().name}"
     doc.h(1, title)
     extra = [d.name for d in find_runs(src, listed_only=False) if str(d) not in set(runs["run_dir"])]
-    _describe(doc, batch, statuses, runs, scen[0] if scen else {}, extra)
+    _describe(doc, batch, statuses, runs, scen[0] if scen else {}, extra, diverged)
 
     doc.h(2, "Results")
     doc.p(f"Targets: {', '.join(f'{100 * t:g}%' for t in chosen) or 'none'}"
@@ -217,6 +222,10 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     doc.table(fsum, "Per row: mean ± 95% CI half-width over seeds (Student t). Time and rounds to a target are "
                     "averaged over the seeds that reached it; (k/n) says how many did. Speed-up = baseline's "
                     "mean time to target / the row's.")
+    if len(diverged):
+        doc.p(f"Excluded from means and CIs: {len(diverged)} diverged run(s) ("
+              + ", ".join(f"`{r}`" for r in diverged["run_id"]) + "); the column `diverged` counts them per row "
+              "and `seeds` the runs averaged.")
     if len(fpair):
         doc.table(fpair, "Paired differences (row − baseline) over shared seeds, which share the straggler "
                          "realisation; accuracy in percentage points, times in simulated seconds, p from a "
@@ -224,7 +233,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
 
     by = group_columns(runs)
     # With two seeds a t interval is 12.7 standard errors wide: show the min-max range instead.
-    band = "ci" if int(summary["n"].min()) >= 3 else "range"
+    band = "ci" if int(summary.loc[summary["n"] > 0, "n"].min()) >= 3 else "range"
     band_text = "a 95% CI band (Student t)" if band == "ci" else "a band from the lowest to the highest seed"
     fig, ax = plots.new_figure(7.5, 4.5)
     plots.plot_mean_accuracy_vs_time(ax, runs, targets=chosen, band=band)
@@ -251,7 +260,8 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
         "`time_to_<t>`/`rounds_to_<t>`, `reached_<t>`, `speedup_<t>` per target",
         "[tables/paired.csv](tables/paired.csv): paired differences against the baseline",
         "[tables/per_run.csv](tables/per_run.csv): one line per run (the numbers the other tables average)",
-    ])
+    ] + (["[tables/diverged.csv](tables/diverged.csv): the runs that diverged, and where (in no other table's "
+          "means)"] if len(diverged) else []))
     doc.h(2, "Method")
     doc.ul([
         "Time to target: simulated time of the first evaluation whose test accuracy is at least the target "
@@ -270,7 +280,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
 
 
 def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, scen: dict,
-              extra: list[str]) -> None:
+              extra: list[str], diverged: Optional[pd.DataFrame] = None) -> None:
     doc.h(2, "What was run")
     items = []
     if batch:
@@ -294,9 +304,13 @@ def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, 
             threads = ex.get("threads_per_run")
             items.append(f"Ran {where}, " + (f"{threads} torch thread(s) per run" if threads
                                              else "each run with its scenario's torch threads"))
-        dropped = sorted({(r["algorithm"], k) for r in batch.get("runs", []) for k in r.get("dropped_keys", [])})
-        for alg, k in dropped:
-            items.append(f"`{alg}` has no `{k}`: dropped from its runs")
+        dropped: dict[str, set] = {}
+        for r in batch.get("runs", []):
+            dropped.setdefault(r["algorithm"], set()).update(r.get("dropped_keys", []))
+        for alg, keys in dropped.items():
+            if keys:
+                items.append(f"`{alg}` does not take " + ", ".join(f"`{k}`" for k in sorted(keys))
+                             + " from the base scenario: not carried over")
     if scen:
         d, m, st = scen.get("data") or {}, scen.get("model") or {}, scen.get("stop") or {}
         stop = ", ".join(f"{k}={v}" for k, v in st.items() if v is not None)
@@ -306,13 +320,22 @@ def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, 
     for r in statuses:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     n_loaded = runs["run_dir"].nunique()
-    items.append(f"Runs in this report: {n_loaded}" + (
+    n_div = 0 if diverged is None else len(diverged)
+    items.append(f"Runs in this report: {n_loaded}" + (f" completed, and {n_div} diverged (left out of means)"
+                                                        if n_div else "") + (
         " (" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + " in runs.csv)" if counts else ""))
     if extra:
         items.append(f"{len(extra)} other finished run folder(s) in runs/ are not in batch.json (left over from an "
                      f"earlier command) and are left out, e.g. `{extra[0]}`")
     doc.ul(items)
-    bad = [r for r in statuses if r["status"] not in ("completed", "reused")]
+    if n_div:
+        doc.p("Runs that diverged (a loss or parameter became NaN or inf; the run stopped there): results, "
+              "but left out of every mean, CI and figure:")
+        doc.table(pd.DataFrame({
+            "run": diverged["run_id"], "what": diverged["diverged_what"], "round": diverged["diverged_round"],
+            "local step": diverged["diverged_local_step"], "party": diverged["diverged_party"],
+            "client": diverged["diverged_client"]}))
+    bad = [r for r in statuses if r["status"] not in ("completed", "reused", "diverged")]
     if bad:
         doc.p("Runs left out (not finished):")
         doc.table(pd.DataFrame([{"run": r["run_id"], "status": r["status"], "error": r.get("error", "")}
@@ -351,7 +374,7 @@ def _heatmaps(doc: _Doc, summary: pd.DataFrame, by: list[str], targets: Sequence
             _save(fig, fig_dir / name)
             doc.img(fig_dir / name, f"figures/{name}",
                     f"{what.capitalize()} over {y} x {x}" + (f" ({suffix})" if suffix else "")
-                    + "; a dash: no seed reached the target.")
+                    + "; a dash: no seed reached the target (or every seed diverged).")
             made += 1
 
 

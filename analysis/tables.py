@@ -79,19 +79,29 @@ def _rows_of(df: pd.DataFrame, by: list[str], key: tuple) -> pd.DataFrame:
 
 
 def summary_table(per_run: pd.DataFrame, targets: Sequence[float] = (), baseline: Optional[str] = None,
-                  level: float = 0.95) -> pd.DataFrame:
+                  level: float = 0.95, diverged: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """One row per group (algorithm/variant/grid point): n runs, and for each metric its mean
     and CI half-width over seeds (``<m>_mean``, ``<m>_ci95``).
 
     Per target also ``reached_<t>`` (runs that reached it; time/rounds means are over those)
     and ``speedup_<t>`` = mean time to target of the baseline / that of the row (>1: faster).
+    ``diverged`` (``analysis.traces.load_diverged``): runs that diverged; they are in no mean
+    (``per_run`` holds completed runs only), a column ``diverged`` counts them per group, and a
+    group whose every run diverged gets a row with n = 0 and no values.
     """
     by = group_columns(per_run)
     metrics = [m for m in (*BASE_METRICS, *target_metrics(targets)) if m in per_run.columns]
+    keys = _order_first_seen(per_run, by)
+    dv = None
+    if diverged is not None:
+        dv = diverged.reindex(columns=by)
+        keys += [k for k in _order_first_seen(dv, by) if _rows_of(per_run, by, k).empty and k not in keys]
     rows = []
-    for key in _order_first_seen(per_run, by):
+    for key in keys:
         g = _rows_of(per_run, by, key)
         row = {**dict(zip(by, key)), "n": len(g)}
+        if dv is not None:
+            row["diverged"] = len(_rows_of(dv, by, key))
         for m in metrics:
             mean, ci, _ = mean_ci(pd.to_numeric(g[m], errors="coerce"), level)
             row[f"{m}_mean"], row[f"{m}_ci95"] = mean, ci
@@ -195,6 +205,8 @@ def _time_digits(values: pd.Series) -> int:
 def format_summary(table: pd.DataFrame, targets: Sequence[float] = ()) -> pd.DataFrame:
     """The summary table as text cells: mean ± 95% CI half-width, accuracies in %, bytes in MB."""
     out = pd.DataFrame({"run": table["label"], "seeds": table["n"].astype(int)})
+    if "diverged" in table.columns and table["diverged"].sum() > 0:  # left out of every mean
+        out["diverged"] = table["diverged"].astype(int)
 
     def col(name: str, metric: str, scale: float, digits: int) -> None:
         if f"{metric}_mean" in table.columns:

@@ -131,7 +131,9 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """
     dirs = find_runs(paths)
     if not dirs:
-        raise UserError(f"no finished runs under {paths}")
+        diverged = len(load_diverged(paths))
+        raise UserError(f"no finished runs under {paths}"
+                        + (f" ({diverged} diverged: see their summary.json)" if diverged else ""))
     labels = [run_labels(d) for d in dirs]
     params = _param_order(labels)
     frames = []
@@ -157,6 +159,33 @@ def load_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         row.update({k: s.get(k) for k in SUMMARY_FIELDS})
         rows.append(row)
     df = pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *params, *SUMMARY_FIELDS])
+    df.attrs["params"] = params
+    return df
+
+
+DIVERGED_FIELDS = ("what", "round", "local_step", "party", "client")
+
+
+def load_diverged(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run that diverged (summary ``status: diverged``): its labels, grid keys,
+    rounds and sim_time_s done, and where it diverged (``diverged_what``, ``diverged_round``,
+    ``diverged_local_step``, ``diverged_party``, ``diverged_client``). These runs are results
+    but are left out of ``load_runs`` and so out of every mean; empty frame when there are none."""
+    dirs = [d for d in find_runs(paths, complete_only=False)
+            if (_read_json(d / "summary.json") or {}).get("status") == "diverged"]
+    labels = [run_labels(d) for d in dirs]
+    params = _param_order(labels)
+    cols = [*LABEL_COLUMNS, *params, "rounds", "sim_time_s", *(f"diverged_{k}" for k in DIVERGED_FIELDS)]
+    rows = []
+    for d, lab in zip(dirs, labels):
+        s = _read_json(d / "summary.json") or {}
+        info = s.get("diverged") or {}
+        row = {k: v for k, v in lab.items() if k != "params"}
+        row.update({k: _cell(lab["params"].get(k)) for k in params})
+        row.update(rounds=s.get("rounds"), sim_time_s=s.get("sim_time_s"))
+        row.update({f"diverged_{k}": info.get(k) for k in DIVERGED_FIELDS})
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=cols)
     df.attrs["params"] = params
     return df
 

@@ -5,8 +5,10 @@ seeds (``plan_compare``), or a grid file (``plan_sweep``), becomes a list of ``R
 validated scenario with a readable, stable run id. ``run_batch`` then runs every spec through
 ``simulator.runner.run_scenario`` on a Dask cluster (or in this process) and lands each run
 atomically: it is written into ``DIR/runs/<id>.partial/`` and renamed to ``DIR/runs/<id>/`` only
-when complete (``DIR/runs/<id>.failed/`` with ``traceback.txt`` when it raised). ``DIR/batch.json``
-says what was asked for, ``DIR/runs.csv`` the status of every run.
+when complete (``DIR/runs/<id>.failed/`` with ``traceback.txt`` when it raised). A run that
+diverged (NaN/inf, ``status: diverged`` in its summary) is a result, not a failure: it lands in
+``DIR/runs/<id>/`` like a completed run, is reused by a re-run, and its outcome is ``diverged``.
+``DIR/batch.json`` says what was asked for, ``DIR/runs.csv`` the status of every run.
 
 This module never changes how one run behaves (that is the runner's) and never interprets
 results (that is ``analysis/``). Its command-line layer (``compare``, ``sweep``, ``report``)
@@ -201,10 +203,14 @@ def check_algorithm(name: str, where: str = "algorithms") -> None:
 def switch_algorithm(raw: dict, name: str) -> tuple[dict, list[str]]:
     """``raw`` with ``algorithm.name`` set to ``name``.
 
-    Keys of the algorithm section that the target config class does not declare are dropped
-    (the schema forbids unknown keys) and returned as ``algorithm.<key>``; keys both share
-    (batch_size, learning rates, ...) carry over. Nothing is dropped when the name is unchanged,
-    so a typo in the scenario still fails validation.
+    Keys of the algorithm section that the target config class does not declare are not
+    carried over (the schema forbids unknown keys) and are returned as dotted keys
+    (``algorithm.tau``; a nested mapping such as ``zo: {lam: ..}`` as ``algorithm.zo.lam``), so
+    the caller can say so; keys both share (batch_size, learning rates, ``zo``, ...) carry over.
+    A key is declared when its top-level field is. Nothing is dropped when the name is unchanged,
+    so a typo in the scenario still fails validation. Planning calls this only after checking
+    that no key given for every run (``--set``, a sweep's ``set:`` or grid) is among the dropped
+    (``check_shared_keys``): what is dropped here comes from the base scenario.
     """
     check_algorithm(name)
     out = copy.deepcopy(raw)
@@ -214,9 +220,60 @@ def switch_algorithm(raw: dict, name: str) -> tuple[dict, list[str]]:
         return out, []
     allowed = algorithm_keys(name)
     kept = {k: v for k, v in section.items() if k in allowed and k != "name"}
-    dropped = sorted(f"algorithm.{k}" for k in section if k not in allowed and k != "name")
+    dropped = sorted(d for k, v in section.items() if k not in allowed and k != "name"
+                     for d in _dotted_leaves(f"algorithm.{k}", v))
     out["algorithm"] = {"name": name, **kept}
     return out, dropped
+
+
+def _dotted_leaves(prefix: str, value: Any) -> list[str]:
+    """``algorithm.zo`` with ``{lam: .., perturbations: ..}`` -> ``algorithm.zo.lam``, ``algorithm.zo.perturbations``."""
+    if isinstance(value, dict) and value:
+        return [d for k, v in value.items() for d in _dotted_leaves(f"{prefix}.{k}", v)]
+    return [prefix]
+
+
+def _algorithm_fields(items: Iterable[Any]) -> list[tuple[str, str]]:
+    """(dotted key, top-level algorithm field) of every override item that sets an algorithm key
+    (``name`` excepted). Items are ``key=value`` strings or (key, value) pairs."""
+    from simulator.scenario import parse_override
+
+    out: list[tuple[str, str]] = []
+    for item in items:
+        key, value = parse_override(item) if isinstance(item, str) else (str(item[0]), item[1])
+        parts = key.split(".")
+        if parts[0] != "algorithm":
+            continue
+        if len(parts) == 1:  # the whole section: algorithm={...}
+            if isinstance(value, dict):
+                out += [(f"algorithm.{k}", str(k)) for k in value if k != "name"]
+        elif parts[1] != "name":
+            out.append((key, parts[1]))
+    return out
+
+
+def check_shared_keys(items: Iterable[Any], algorithm: str, algorithms: Iterable[str], *,
+                      grid: bool = False) -> None:
+    """Raise a ScenarioError naming the dotted key when an item meant for every run of a batch
+    (plain ``--set``, a sweep's ``set:`` entry or grid key) sets an algorithm key that
+    ``algorithm`` does not declare: it is never dropped silently. ``algorithms`` (the batch's)
+    give the hint which prefix would set it for one algorithm only."""
+    declared = algorithm_keys(algorithm)
+    for dotted, key in _algorithm_fields(items):
+        if key in declared:
+            continue
+        owners = [a for a in dict.fromkeys(algorithms) if a != algorithm and key in algorithm_keys(a)]
+        if owners:
+            hint = f" (use the prefix {owners[0]}:{dotted}=... to set it for one algorithm)"
+            if grid:
+                hint = (f" (a grid key applies to every algorithm.name of the grid; set it for one algorithm "
+                        f"with --set {owners[0]}:{dotted}=...)")
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(declared), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ScenarioError(dotted, f"{algorithm} has no key {key}{hint}")
 
 
 def split_overrides(items: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -299,9 +356,11 @@ def plan_compare(path: str | Path, algorithms: Sequence[str] | None = None, seed
     {dotted.key: value}}}``, and ``base: other.yaml`` (a scenario, relative to this file, that
     the rest of this file is merged onto). Arguments win over the file. An algorithm with
     variants gives one row per variant (label in ``variant``), the others one row. Order of
-    overrides: plain ``--set``, switch to the algorithm (keys it lacks are dropped and recorded),
-    the variant's keys, ``ALG:key=value`` / ``ALG/VARIANT:key=value`` ``--set`` items, the seed.
+    overrides: plain ``--set``, switch to the algorithm, the variant's keys, ``ALG:key=value`` / ``ALG/VARIANT:key=value`` ``--set`` items, the seed.
     Same seed => same straggler realisation: the time model draws from keyed generators.
+    A plain ``--set algorithm.X`` that one of the algorithms does not declare is a ScenarioError
+    (give it an ``ALG:`` prefix); keys of the base scenario's algorithm section that a target
+    lacks are not carried over and are recorded in the spec's ``dropped_keys``.
     """
     from simulator.scenario import load_raw
 
@@ -345,6 +404,9 @@ def plan_compare(path: str | Path, algorithms: Sequence[str] | None = None, seed
 
     rows = [(a, label, items) for a in algs for label, items in (var_map.get(a) or {"": []}).items()]
     _check_prefixes(prefixed, {a for a, _, _ in rows} | {f"{a}/{v}" for a, v, _ in rows if v})
+
+    for alg in algs:  # a key for every run that one algorithm lacks is an error, not a silent drop
+        check_shared_keys(plain, alg, algs)
 
     specs: list[RunSpec] = []
     for alg, label, items in rows:
@@ -396,8 +458,10 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = (), seeds: Any = Non
     A grid file has ``base: scenario.yaml`` (relative to the grid file), ``grid: {dotted.key:
     [values...]}`` and optionally ``seeds: N | [..]`` (or ``seed`` as a grid key), ``set:
     {dotted.key: value}`` (fixed overrides for every run), ``name`` and ``description``. A grid
-    key ``algorithm.name`` switches algorithm (keys the target lacks are dropped and recorded)
-    before the point's other keys are set. Run ids read ``key1=v1,key2=v2,seed=k``.
+    key ``algorithm.name`` switches algorithm before the point's other keys are set: a key of
+    ``set:``, a plain ``--set`` or the grid that the target does not declare is a ScenarioError;
+    base-scenario keys it lacks are not carried over and are recorded in ``dropped_keys``. Run
+    ids read ``key1=v1,key2=v2,seed=k``.
     """
     from simulator.scenario import load_raw
 
@@ -445,6 +509,11 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = (), seeds: Any = Non
     base_alg = (base.get("algorithm") or {}).get("name") if isinstance(base.get("algorithm"), dict) else None
     fixed_alg = dict(fixed).get("algorithm.name")
     _check_prefixes(prefixed, algs_in_grid | {str(a) for a in (base_alg, fixed_alg) if a})
+    grid_algs = list(dict.fromkeys(str(a) for a in dict(axes).get("algorithm.name", [])))
+    grid_keys = [(k, v[0]) for k, v in axes if k != "algorithm.name"]
+    for a in grid_algs:  # keys for every run that a grid algorithm lacks: an error, never dropped
+        check_shared_keys([*fixed, *plain], a, grid_algs)
+        check_shared_keys(grid_keys, a, grid_algs, grid=True)
 
     specs: list[RunSpec] = []
     keys = [k for k, _ in axes]
@@ -510,14 +579,18 @@ def read_json(path: Path) -> Optional[dict]:
         return None
 
 
+FINISHED = ("completed", "diverged")  # a run's end states that a re-run reuses
+
+
 def run_state(runs_dir: Path, spec: RunSpec) -> str:
-    """``complete`` (same inputs, finished), ``changed`` (finished from other inputs), or ``missing``."""
+    """``complete`` (same inputs, finished: completed or diverged), ``changed`` (finished from
+    other inputs), or ``missing``."""
     final = Path(runs_dir) / spec.run_id
     if not final.is_dir():
         return "missing"
     meta = read_json(final / RUN_META) or {}
     summary = read_json(final / "summary.json") or {}
-    finished = (meta.get("status") == "completed" and summary.get("status") == "completed"
+    finished = (meta.get("status") in FINISHED and summary.get("status") == meta.get("status")
                 and (final / "metrics.csv").is_file())
     if not finished:
         return "missing"
@@ -527,13 +600,13 @@ def run_state(runs_dir: Path, spec: RunSpec) -> str:
 def execute_run(spec: RunSpec, runs_dir: str) -> dict:
     """Run one spec into ``runs_dir/<id>.partial`` and rename it when it ends; never raises
     for a failing run (the error and traceback are recorded), only for an interrupt."""
-    from simulator.runner import run_scenario
+    from simulator.runner import divergence_warning_muted, run_scenario
     from simulator.scenario import validate
 
     runs = Path(runs_dir)
     final, partial, failed = runs / spec.run_id, runs / (spec.run_id + PARTIAL), runs / (spec.run_id + FAILED)
     if run_state(runs, spec) == "complete":
-        return _outcome(spec, "reused", final)
+        return _reused(spec, final)
     for stale in (partial, failed):
         shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -542,7 +615,8 @@ def execute_run(spec: RunSpec, runs_dir: str) -> dict:
     _write_json_atomic(partial / RUN_META, meta)
     t0 = _time.perf_counter()
     try:
-        result = run_scenario(validate(spec.scenario), partial, progress=False)
+        with divergence_warning_muted():  # an outcome "diverged"; the batch's progress says it
+            result = run_scenario(validate(spec.scenario), partial, progress=False)
     except Exception as e:  # a failing run is recorded; the batch goes on
         meta.update(status="failed", error=_one_line(e), host_s=_time.perf_counter() - t0, finished_at=_now())
         (partial / "traceback.txt").write_text(traceback.format_exc())
@@ -550,14 +624,29 @@ def execute_run(spec: RunSpec, runs_dir: str) -> dict:
         _write_json_atomic(partial / RUN_META, meta)
         os.replace(partial, failed)
         return _outcome(spec, "failed", failed, error=meta["error"], host_s=meta["host_s"])
-    meta.update(status="completed", host_s=_time.perf_counter() - t0, finished_at=_now(),
+    status = "diverged" if result.summary.get("status") == "diverged" else "completed"
+    error = _diverged_text(result.summary) if status == "diverged" else ""
+    meta.update(status=status, host_s=_time.perf_counter() - t0, finished_at=_now(),
                 final_accuracy=result.summary.get("final_accuracy"), sim_time_s=result.summary.get("sim_time_s"),
                 rounds=result.summary.get("rounds"))
+    if status == "diverged":
+        meta.update(error=error, diverged=result.summary.get("diverged"))
     _write_json_atomic(partial / RUN_META, meta)
     if final.exists():  # a finished run from other inputs (--overwrite), or an unfinished leftover
         shutil.rmtree(final)
     os.replace(partial, final)
-    return _outcome(spec, "completed", final, host_s=meta["host_s"], summary=result.summary)
+    return _outcome(spec, status, final, error=error, host_s=meta["host_s"], summary=result.summary)
+
+
+def _diverged_text(summary: dict) -> str:
+    """The one-line Diverged message of a diverged run's summary."""
+    from simulator.errors import Diverged
+
+    info = summary.get("diverged") or {}
+    try:
+        return str(Diverged(**info))
+    except TypeError:  # written by another version
+        return "diverged: " + ", ".join(f"{k}={v}" for k, v in info.items() if v is not None)
 
 
 def _one_line(e: BaseException) -> str:
@@ -575,9 +664,18 @@ def _mark_summary_failed(run_dir: Path, error: str) -> None:
         _write_json_atomic(path, summary)
 
 
+def _reused(spec: RunSpec, path: Path) -> dict:
+    """The outcome of a finished run found on disk: ``reused``, or ``diverged`` (a result too)."""
+    summary = read_json(path / "summary.json") or {}
+    if summary.get("status") == "diverged":
+        host_s = (read_json(path / RUN_META) or {}).get("host_s")
+        return _outcome(spec, "diverged", path, error=_diverged_text(summary), host_s=host_s, summary=summary)
+    return _outcome(spec, "reused", path, summary=summary)
+
+
 def _outcome(spec: RunSpec, status: str, path: Path, *, error: str = "", host_s: Optional[float] = None,
              summary: Optional[dict] = None) -> dict:
-    if summary is None and status in ("completed", "reused"):
+    if summary is None and status in ("completed", "reused", "diverged"):
         summary = read_json(path / "summary.json") or {}
     if host_s is None and status == "reused":
         host_s = (read_json(path / RUN_META) or {}).get("host_s")
@@ -605,6 +703,11 @@ class BatchResult:
     @property
     def failed(self) -> list[dict]:
         return [o for o in self.outcomes if o["status"] == "failed"]
+
+    @property
+    def diverged(self) -> list[dict]:
+        """Runs that diverged (now or in an earlier command): results, not failures."""
+        return [o for o in self.outcomes if o["status"] == "diverged"]
 
 
 def machine_cores() -> int:
@@ -667,7 +770,7 @@ def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None,
     outcomes: dict[str, dict] = {}
     for s in specs:
         if states[s.run_id] == "complete":
-            outcomes[s.run_id] = _outcome(s, "reused", runs_dir / s.run_id)
+            outcomes[s.run_id] = _reused(s, runs_dir / s.run_id)
     _write_runs_csv(out, specs, outcomes)
 
     bar = _Progress(len(specs), len(outcomes), progress, plan.kind)
@@ -796,7 +899,7 @@ class _Progress:
     """A tqdm bar for the batch: runs finished out of all, with done/failed/running counts."""
 
     def __init__(self, total: int, reused: int, enabled: bool, desc: str):
-        self.counts = {"done": reused, "failed": 0, "running": 0}
+        self.counts = {"done": reused, "diverged": 0, "failed": 0, "running": 0}
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -805,9 +908,12 @@ class _Progress:
                             dynamic_ncols=True, leave=True)
             self._post()
 
+    def _postfix(self) -> dict:
+        return {k: v for k, v in self.counts.items() if v or k != "diverged"}
+
     def _post(self) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(self.counts, refresh=True)
+            self.bar.set_postfix(self._postfix(), refresh=True)
 
     def running(self, n: int) -> None:
         if n != self.counts["running"]:
@@ -815,13 +921,15 @@ class _Progress:
             self._post()
 
     def done(self, outcome: dict) -> None:
-        key = "failed" if outcome["status"] == "failed" else "done"
+        key = outcome["status"] if outcome["status"] in ("failed", "diverged") else "done"
         self.counts[key] += 1
         self.counts["running"] = max(0, self.counts["running"] - 1)
         if outcome["status"] == "failed":
             log.warning("run %s failed: %s", outcome["run_id"], outcome["error"])
+        elif outcome["status"] == "diverged":  # the error reads "diverged: ..."
+            log.warning("run %s %s", outcome["run_id"], outcome["error"])
         if self.bar is not None:
-            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.set_postfix(self._postfix(), refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:

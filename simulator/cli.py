@@ -2,7 +2,8 @@
 
 This is the only layer that prints and exits. Every ``UserError`` (bad scenario key, type or
 value, malformed ``--set``, missing dataset) becomes one line on stderr and exit code 2;
-Ctrl-C becomes exit code 130 after the run has flushed what it recorded.
+a diverged run (NaN/inf loss or parameter) one line and exit code 3; Ctrl-C becomes exit code
+130 after the run has flushed what it recorded. ``EPILOG`` and README.md list the codes.
 """
 from __future__ import annotations
 
@@ -28,7 +29,16 @@ EPILOG = """examples:
   sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32
   sflsim compare scenarios/quickstart.yaml --algorithms splitfed_v1,splitfed_v2 --seeds 3 --out runs/cmp
   sflsim report runs/cmp
-Scenario keys are documented in docs/scenarios.md."""
+Scenario keys are documented in docs/scenarios.md.
+
+exit codes:
+  0    ok (compare/sweep: every run completed or diverged; diverged runs get a note line)
+  1    a run failed (a bug or an unexpected error; compare/sweep: some run failed)
+  2    bad input (scenario key, --set, flag, missing file or dataset)
+  3    run: the training diverged (NaN/inf); outputs and summary.json are kept
+  130  interrupted (Ctrl-C or SIGTERM); what was recorded is kept"""
+
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one scenario and write its traces, summary and plot",
                        description="Run one scenario. Writes scenario.yaml, metrics.csv, events.csv, "
-                                   "summary.json and accuracy_vs_time.png to --out.")
+                                   "summary.json and accuracy_vs_time.png to --out.",
+                       epilog="exit codes: 0 ok, 1 the run failed (a bug), 2 bad input, 3 the training diverged "
+                              "(NaN/inf; outputs kept, summary.json says where), 130 interrupted")
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--out", default=None, help="output folder (default: runs/<scenario file name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -85,17 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from simulator.runner import run_scenario
+    from simulator.runner import divergence_warning_muted, run_scenario
     from simulator.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.overrides, seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / Path(args.scenario).stem
     try:
-        result = run_scenario(scenario, out, progress=not args.no_progress)
+        with divergence_warning_muted():  # said below, in one line
+            result = run_scenario(scenario, out, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"sflsim: interrupted; what was recorded is in {out}/", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     s = result.summary
+    if s.get("status") == "diverged":
+        why = str(result.diverged) if result.diverged is not None else "diverged"
+        print(f"sflsim: {why}; outputs kept in {out}/", file=sys.stderr)
+        return EXIT_DIVERGED
     acc = s["final_accuracy"]
     print(
         f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "
@@ -283,6 +300,10 @@ def _add_batch_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+BATCH_EXIT_CODES = ("exit codes: 0 every run completed or diverged (diverged runs are results: a note line, "
+                    "status diverged in runs.csv), 1 some run failed, 2 bad input, 130 interrupted")
+
+
 def add_batch_commands(sub) -> None:
     """Add ``compare``, ``sweep`` and ``report`` to the ``sflsim`` sub-command parsers."""
     p = sub.add_parser(
@@ -291,7 +312,8 @@ def add_batch_commands(sub) -> None:
                     "algorithm the same straggler realisation. Results in OUT/runs/<run id>/, statuses in "
                     "OUT/runs.csv; re-running the command skips finished runs. Variants and defaults can "
                     "be written in the scenario file: algorithms: [..], seeds: N, "
-                    "variants: {ALG: {LABEL: {dotted.key: value}}} (see docs/analysis.md).")
+                    "variants: {ALG: {LABEL: {dotted.key: value}}} (see docs/analysis.md).",
+        epilog=BATCH_EXIT_CODES)
     p.add_argument("scenario", help="scenario YAML file (may carry algorithms/seeds/variants/base keys)")
     p.add_argument("--algorithms", default=None, metavar="A,B,..",
                    help="comma-separated algorithm names (default: the file's algorithms:, else its algorithm)")
@@ -301,7 +323,8 @@ def add_batch_commands(sub) -> None:
     p = sub.add_parser(
         "sweep", help="run a grid of scenario keys (cartesian product) over seeds",
         description="A grid file has base: SCENARIO.yaml (relative to it), grid: {dotted.key: [values]}, and "
-                    "optionally seeds: N, set: {dotted.key: value}. Re-running skips finished runs.")
+                    "optionally seeds: N, set: {dotted.key: value}. Re-running skips finished runs.",
+        epilog=BATCH_EXIT_CODES)
     p.add_argument("grid", help="grid YAML file")
     _add_batch_args(p)
     p.set_defaults(func=cmd_sweep)
@@ -360,8 +383,8 @@ def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
         dropped.setdefault(s.algorithm, set()).update(s.dropped_keys)
     for alg, keys in dropped.items():
         if keys:
-            print(f"note: {alg} has no {', '.join(sorted(keys))}: dropped from its runs (listed in run.json)",
-                  file=sys.stderr)
+            print(f"note: {alg} does not take {', '.join(sorted(keys))} from the base scenario; not carried over "
+                  "(dropped_keys in run.json)", file=sys.stderr)
     if args.dry_run:
         runs_dir = out / batch.RUNS
         for s in plan.specs:
@@ -377,10 +400,17 @@ def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
     except KeyboardInterrupt:
         print(f"sflsim: interrupted; finished runs are kept in {out}/runs/, run the same command again to "
               "resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     n = len(result.outcomes)
+    diverged = result.diverged
     print(f"{plan.kind}: {n} runs in {out}/ ({result.count('completed')} ran now, {result.count('reused')} "
-          f"already complete, {len(result.failed)} failed); statuses in {out / batch.RUNS_CSV}")
+          f"already complete, " + (f"{len(diverged)} diverged, " if diverged else "")
+          + f"{len(result.failed)} failed); statuses in {out / batch.RUNS_CSV}")
+    for o in diverged:
+        print(f"  {o['run_id']}: {o['error']} (outputs: {o['path']}/)", file=sys.stderr)
+    if diverged:
+        print(f"note: {len(diverged)} of {n} runs diverged: a result, not a failure (status diverged in "
+              f"{batch.RUNS_CSV}; the report leaves them out of means)", file=sys.stderr)
     for o in result.failed:
         print(f"  failed: {o['run_id']}: {o['error']} (traceback: {o['path']}/traceback.txt)", file=sys.stderr)
     if args.report:
@@ -393,8 +423,8 @@ def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
     if result.failed:
         print(f"sflsim: {len(result.failed)} of {n} runs failed; re-running the command retries them",
               file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_report(args) -> int:
@@ -422,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"sflsim: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sflsim: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

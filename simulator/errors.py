@@ -32,11 +32,17 @@ class Diverged(RuntimeError):
     where: the round (GAS: global iteration), the local step within it, and the party.
     """
 
-    def __init__(self, what: str, *, round: int, local_step: int | None, party: str, client: int | None = None):
+    def __init__(self, what: str, round: int | None = None, local_step: int | None = None, party: str = "",
+                 client: int | None = None):
+        # Positional arguments (and ``args`` holding all of them): SimPy re-raises an exception
+        # from a process as ``type(e)(*e.args)``, which must rebuild the same error.
+        super().__init__(what, round, local_step, party, client)
         self.what, self.round, self.local_step, self.party, self.client = what, round, local_step, party, client
-        where = f"round {round}" + (f", local step {local_step}" if local_step is not None else "")
-        who = party + (f" (client {client})" if client is not None else "")
-        super().__init__(f"diverged: {what} is not finite at {where}, on the {who}")
+
+    def __str__(self) -> str:
+        where = f"round {self.round}" + (f", local step {self.local_step}" if self.local_step is not None else "")
+        who = self.party + (f" (client {self.client})" if self.client is not None else "")
+        return f"diverged: {self.what} is not finite at {where}, on the {who}"
 
     def info(self) -> dict:
         return {"what": self.what, "round": self.round, "local_step": self.local_step, "party": self.party,

@@ -5,9 +5,14 @@ simulated time), the stop rules and the output files; the algorithm owns its con
 Outputs in ``out_dir``: scenario.yaml (resolved), metrics.csv, events.csv, summary.json,
 accuracy_vs_time.png, and any per-round tables the algorithm records. A KeyboardInterrupt
 stops the loop; what was recorded is flushed and the summary says ``"status": "interrupted"``.
+A ``Diverged`` raised by the algorithm (a NaN/inf loss or parameter) is a result, not an error:
+the run returns normally with ``"status": "diverged"``, ``"stop_reason": "diverged"`` and
+``"diverged": {what, round, local_step, party, client}``; every output is kept, and the NaN
+model is not evaluated again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +28,7 @@ import torch
 from simulator.algorithms import ALGORITHMS
 from simulator.algorithms.common import RunContext
 from simulator.engine import Simulation
-from simulator.errors import ScenarioError
+from simulator.errors import Diverged, ScenarioError
 from simulator.latency import build_time_model
 from simulator.scenario import TEXT_DATASET_NAMES, Scenario, to_yaml
 from simulator.trace import Recorder
@@ -39,6 +44,7 @@ class RunResult:
     recorder: Recorder
     out_dir: Optional[Path]
     algorithm: Any = field(repr=False, default=None)
+    diverged: Optional[Diverged] = None  # why the run stopped when ``summary["status"] == "diverged"``
 
     @property
     def metrics(self):
@@ -269,6 +275,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
     sim = Simulation(time_model, recorder, scenario.time.server.capacity)
     status = "completed"
     ctx = algo = ctl = None
+    diverged: Optional[Diverged] = None
     try:
         ctx = build_context(scenario, sim, device)
         algo = spec.build(ctx)
@@ -285,6 +292,15 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
             env.run(until=sim.stopped)
         if ctl.last_eval_key != (sim.rounds_done, sim.now):
             ctl.evaluate()
+    except Exception as e:
+        diverged = _diverged_in(e)
+        if diverged is None:
+            status = "failed"
+            raise
+        # A result: keep everything, no final evaluation of a NaN model.
+        status = "diverged"
+        log.warning("%s; stopped at simulated time %.3f s%s", diverged, sim.now,
+                    f", outputs kept in {out}/" if out is not None else "", extra={"sflsim_diverged": True})
     except KeyboardInterrupt:
         status = "interrupted"
         log.warning("interrupted at simulated time %.3f s; keeping what was recorded", sim.now)
@@ -297,11 +313,44 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
             ctl.close()
         recorder.close()
         summary = _summary(scenario, sim, recorder, ctx, algo, status, _time.perf_counter() - host_start)
+        if diverged is not None:
+            summary["stop_reason"] = "diverged"
+            summary["diverged"] = _jsonable(diverged.info())
         if out is not None and ctx is not None:
             (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
             if recorder.metrics:
                 _plot(out, recorder, scenario)
-    return RunResult(summary, recorder, out, algo)
+    return RunResult(summary, recorder, out, algo, diverged)
+
+
+def _diverged_in(e: BaseException) -> Optional[Diverged]:
+    """The original ``Diverged`` that ``e`` is or was caused by, else None.
+
+    SimPy hands a failed process's exception on (to the process waiting for it, and out of
+    ``env.run``) as a copy, ``type(e)(*e.args)``, whose ``__cause__`` is the exception before;
+    the deepest ``Diverged`` of that chain is the one the algorithm raised, with its info.
+    """
+    found, seen = None, set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Diverged):
+            found = e
+        seen.add(id(e))
+        e = e.__cause__
+    return found
+
+
+def _not_divergence(record: logging.LogRecord) -> bool:
+    return not getattr(record, "sflsim_diverged", False)
+
+
+@contextlib.contextmanager
+def divergence_warning_muted():
+    """Leave out ``run_scenario``'s warning line on divergence, for callers that report it themselves."""
+    log.addFilter(_not_divergence)
+    try:
+        yield
+    finally:
+        log.removeFilter(_not_divergence)
 
 
 def _plot(out: Path, recorder: Recorder, scenario: Scenario) -> None:

@@ -374,6 +374,31 @@ def load_raw(path: str | Path) -> dict:
     return raw
 
 
+#: Top-level keys of a comparison file that belong to ``sflsim compare``, not to one run.
+COMPARE_KEYS = ("base", "algorithms", "seeds", "variants")
+
+
+def merge_mappings(base: dict, top: dict) -> dict:
+    """``top`` deep-merged onto a copy of ``base`` (mappings merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_mappings(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def scenario_mapping(path: str | Path) -> dict:
+    """The scenario mapping of a file: compare keys set aside, ``base:`` merged underneath."""
+    p = Path(path)
+    raw = load_raw(p)
+    extra = {k: raw.pop(k) for k in COMPARE_KEYS if k in raw}
+    if "base" in extra:
+        raw = merge_mappings(scenario_mapping(p.parent / str(extra["base"])), raw)
+    return raw
+
+
 def validate(raw: dict) -> Scenario:
     """Validate a raw mapping into a frozen Scenario, or raise ScenarioError(dotted key, message)."""
     try:
@@ -385,8 +410,13 @@ def validate(raw: dict) -> Scenario:
 def load_scenario(
     path: str | Path, overrides: list[str] | None = None, *, seed: int | None = None
 ) -> Scenario:
-    """Load a YAML scenario, apply ``--set`` overrides and an optional seed, and validate it."""
-    raw = apply_overrides(load_raw(path), overrides or [])
+    """Load a YAML scenario, apply ``--set`` overrides and an optional seed, and validate it.
+
+    A comparison file (top-level ``algorithms``, ``seeds``, ``variants``: what ``sflsim
+    compare`` runs) is also a scenario: those keys are set aside here and the file's own
+    ``algorithm`` is what runs. ``base: other.yaml`` merges this file onto another scenario.
+    """
+    raw = apply_overrides(scenario_mapping(path), overrides or [])
     if seed is not None:
         raw["seed"] = seed
     return validate(raw)

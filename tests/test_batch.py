@@ -41,26 +41,97 @@ def test_parse_seeds_count_or_list():
             parse_seeds(bad)
 
 
-def test_switch_algorithm_drops_undeclared_keys():
-    """Switching algorithm keeps shared keys and drops (and reports) keys the target lacks."""
-    raw = {"algorithm": {"name": "splitfed_v1", "lr_client": 0.3, "tau": 2}}
+def test_switch_algorithm_reports_undeclared_keys():
+    """Switching algorithm keeps shared keys (``zo`` with its nested keys too) and returns the
+    keys the target lacks, nested ones as dotted leaves, for the caller to say so."""
+    raw = {"algorithm": {"name": "mu_splitfed", "lr_client": 0.3, "tau": 2, "zo": {"lam": 0.01}}}
     out, dropped = switch_algorithm(raw, "splitfed_v2")
-    assert out["algorithm"] == {"name": "splitfed_v2", "lr_client": 0.3} and dropped == ["algorithm.tau"]
-    same, none = switch_algorithm(raw, "splitfed_v1")  # unchanged name: nothing dropped, validation decides
+    assert out["algorithm"] == {"name": "splitfed_v2", "lr_client": 0.3, "zo": {"lam": 0.01}}
+    assert dropped == ["algorithm.tau"]
+    _, nested = switch_algorithm({"algorithm": {"name": "gas", "generate": {"k": 1, "m": {"n": 2}}}}, "splitfed_v1")
+    assert nested == ["algorithm.generate.k", "algorithm.generate.m.n"]
+    same, none = switch_algorithm(raw, "mu_splitfed")  # unchanged name: nothing dropped, validation decides
     assert same == raw and none == []
     with pytest.raises(UserError, match="unknown algorithm"):
         switch_algorithm(raw, "splitfed_v3")
 
 
+def test_a_key_set_for_every_algorithm_that_one_lacks_is_an_error(scenario_file):
+    """A plain --set algorithm.X (or algorithm.zo.Y) that one compared algorithm does not declare
+    names the dotted key, the algorithm and the prefix to use; it is never dropped silently."""
+    algs = ["mu_splitfed", "splitfed_v1"]
+    with pytest.raises(ScenarioError) as e:
+        plan_compare(scenario_file, algs, None, ["algorithm.tau=2"])
+    assert str(e.value) == ("algorithm.tau: splitfed_v1 has no key tau (use the prefix "
+                            "mu_splitfed:algorithm.tau=... to set it for one algorithm)")
+    with pytest.raises(ScenarioError, match=r"^algorithm.tau_max: gas has no key tau_max \(use the prefix mu_"):
+        plan_compare(scenario_file, ["mu_splitfed", "gas"], None, ["algorithm.tau_max=3"])
+    plan = plan_compare(scenario_file, algs, None, ["mu_splitfed:algorithm.tau=2", "algorithm.zo.lam=0.002"])
+    by_alg = {s.algorithm: s for s in plan.specs}
+    assert by_alg["mu_splitfed"].scenario["algorithm"]["tau"] == 2
+    assert "tau" not in by_alg["splitfed_v1"].scenario["algorithm"]
+    assert all(s.scenario["algorithm"]["zo"]["lam"] == 0.002 and s.dropped_keys == () for s in plan.specs)
+
+
+def test_base_file_keys_a_target_lacks_are_dropped_with_a_note(tmp_path, scenario_file, capsys):
+    """Keys of the base scenario's own algorithm section that a target lacks are not carried
+    over, but recorded in dropped_keys (runs.csv/run.json) and named in a note line per algorithm."""
+    raw = yaml.safe_load(scenario_file.read_text())
+    raw["algorithm"].update(name="mu_splitfed", tau=2, tau_max=3)
+    base = tmp_path / "mu.yaml"
+    base.write_text(yaml.safe_dump(raw))
+    plan = plan_compare(base, ["mu_splitfed", "splitfed_v1"], None)
+    by_alg = {s.algorithm: s for s in plan.specs}
+    assert by_alg["mu_splitfed"].dropped_keys == () and by_alg["mu_splitfed"].scenario["algorithm"]["tau"] == 2
+    assert by_alg["splitfed_v1"].dropped_keys == ("algorithm.tau", "algorithm.tau_max")
+    assert main(["compare", str(base), "--algorithms", "mu_splitfed,splitfed_v1", "--dry-run",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: splitfed_v1 does not take algorithm.tau, algorithm.tau_max from the base scenario; "
+                   "not carried over (dropped_keys in run.json)"]
+    assert main(["compare", str(base), "--algorithms", "mu_splitfed,splitfed_v1", "--set", "algorithm.tau=4",
+                 "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "sflsim: error: algorithm.tau: splitfed_v1 has no key tau (use the prefix mu_splitfed:" in err
+    assert "Traceback" not in err
+
+
+def test_sweep_set_and_grid_keys_apply_to_every_algorithm(tmp_path, scenario_file):
+    """In a sweep over algorithm.name, set: entries and grid keys reach every algorithm: one
+    that an algorithm lacks is an error naming it; the ALG: prefix of --set sets it for one."""
+    def grid(**doc):
+        path = tmp_path / "grid.yaml"
+        path.write_text(yaml.safe_dump({"base": scenario_file.name, **doc}))
+        return path
+
+    algs = {"algorithm.name": ["splitfed_v1", "mu_splitfed"]}
+    with pytest.raises(ScenarioError, match="^algorithm.tau: splitfed_v1 has no key tau"):
+        plan_sweep(grid(grid=algs, set={"algorithm.tau": 2}))
+    with pytest.raises(ScenarioError, match="^algorithm.tau: splitfed_v1 has no key tau .a grid key"):
+        plan_sweep(grid(grid={**algs, "algorithm.tau": [1, 2]}))
+    plan = plan_sweep(grid(grid=algs), overrides=["mu_splitfed:algorithm.tau=2"])
+    assert [s.scenario["algorithm"].get("tau") for s in plan.specs] == [None, 2]
+
+
 @pytest.mark.parametrize("source", sorted(ALGORITHMS))
 def test_switching_between_any_two_registered_algorithms_validates(source):
-    """Contract over the registry: a section of one algorithm, switched to any other, is valid."""
+    """Contract over the registry: a section of one algorithm, switched to any other, has only
+    keys the target declares. Its own settings (the non-default ones) validate; a full dump may
+    carry a value the target rejects (e.g. a ZO server optimizer to gas), never an unknown key."""
+    from pydantic import ValidationError
+
     for target, spec in ALGORITHMS.items():
-        section = ALGORITHMS[source].config(name=source).model_dump(mode="json", by_alias=True)
+        default = ALGORITHMS[source].config(name=source)
+        own = default.model_dump(mode="json", by_alias=True, exclude_defaults=True) | {"name": source}
+        out, dropped = switch_algorithm({"algorithm": own}, target)
+        assert spec.config.model_validate(out["algorithm"]).name == target
+        section = default.model_dump(mode="json", by_alias=True)
         out, dropped = switch_algorithm({"algorithm": section}, target)
-        cfg = spec.config.model_validate(out["algorithm"])
-        assert cfg.name == target
-        assert all(k.removeprefix("algorithm.") not in out["algorithm"] for k in dropped)
+        assert all(k.split(".")[1] not in out["algorithm"] for k in dropped)
+        try:
+            assert spec.config.model_validate(out["algorithm"]).name == target
+        except ValidationError as e:
+            assert all(err["type"] != "extra_forbidden" for err in e.errors()), (source, target, e)
 
 
 def test_split_overrides_by_prefix():
@@ -83,8 +154,11 @@ def test_plan_compare_pairs_seeds_across_algorithms(scenario_file):
     assert len({s.fingerprint for s in plan.specs}) == 4
     with pytest.raises(ScenarioError, match="matches no run"):
         plan_compare(scenario_file, ["splitfed_v1"], None, ["splitfed_v2:algorithm.lr_client=0.2"])
-    with pytest.raises(ScenarioError, match="in run splitfed_v1-seed3"):
+    with pytest.raises(ScenarioError, match=r"^algorithm.lr_clien: splitfed_v1 has no key lr_clien \(did you mean "
+                                            r"lr_client\?\)$"):
         plan_compare(scenario_file, ["splitfed_v1"], None, ["algorithm.lr_clien=0.2"])
+    with pytest.raises(ScenarioError, match="in run splitfed_v1-seed3"):
+        plan_compare(scenario_file, ["splitfed_v1"], None, ["stop.round=2"])
 
 
 def test_plan_compare_variants_from_a_compare_file(tmp_path, scenario_file):

@@ -61,9 +61,9 @@ def test_different_seed_changes_traces(tiny_raw):
 def _delays(result, speeds):
     """Per (client, k): the k-th compute op's duration minus its FLOPs/speed = its random delay."""
     out = {}
-    for c, party, kind, _, seq, s, e, _, flops, _ in result.recorder.events:
-        if party == "client":
-            out[(c, seq)] = round((e - s) - flops / speeds[c], 9)
+    for e in result.recorder.events:  # Span named tuples: read by name
+        if e.party == "client":
+            out[(e.client, e.seq)] = round((e.end_s - e.start_s) - e.flops / speeds[e.client], 9)
     return out
 
 
@@ -116,7 +116,8 @@ def test_episodes_change_the_timeline(tiny_raw):
     """A slowdown episode on client 0 lengthens its compute spans inside the window."""
     base = _run(tiny_raw)
     slow = _run(tiny_raw, overrides=['time.episodes=[{kind: slowdown, clients: [0], factor: 10}]'])
-    dur = lambda r: sum(e[6] - e[5] for e in r.recorder.events if e[0] == 0 and e[1] == "client")  # noqa: E731
+    dur = lambda r: sum(e.end_s - e.start_s for e in r.recorder.events  # noqa: E731
+                        if e.client == 0 and e.party == "client")
     assert dur(slow) == pytest.approx(10 * dur(base))
 
 
