@@ -7,8 +7,10 @@ export PYTHON
 setup:
 	@bash scripts/setup.sh
 
+# The headline comparison: MU-SplitFed, SplitFed (ZO and first-order) and GAS on one straggler
+# scenario; figure and table in runs/quickstart/report/. Re-running reuses finished runs.
 quickstart: setup
-	$(PYTHON) -m simulator run scenarios/quickstart.yaml --out runs/quickstart
+	$(PYTHON) -m simulator compare scenarios/quickstart.yaml --out runs/quickstart --report
 
 test: setup
 	$(PYTHON) -m pytest

@@ -417,7 +417,8 @@ def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
         from analysis.report import write_report
 
         page = write_report(out)
-        print(f"report: {page}")
+        _print_summary(page.parent / "tables" / "summary.csv")
+        print(f"report: {page} (figure: {page.parent / 'figures' / 'accuracy_vs_time.png'})")
     else:
         print(f"report: sflsim report {out}")
     if result.failed:
@@ -425,6 +426,26 @@ def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _print_summary(path: Path) -> None:
+    """A short table on stdout: final accuracy and simulated time to each target, per run label."""
+    import pandas as pd
+
+    if not path.is_file():
+        return
+    t = pd.read_csv(path)
+    targets = [c[len("time_to_"):-len("_mean")] for c in t.columns if c.startswith("time_to_") and c.endswith("_mean")]
+    head = f"{'run':<24} {'seeds':>5} {'final acc. (%)':>14}" + "".join(f" {'time to ' + f'{float(x):.0%}' + ' (s)':>17}"
+                                                                      for x in targets)
+    print(head)
+    for _, r in t.iterrows():
+        acc = "diverged" if r["n"] == 0 else f"{100 * r['final_accuracy_mean']:.1f}"
+        cells = []
+        for x in targets:
+            v = r.get(f"time_to_{x}_mean")
+            cells.append(f"{v:>17.1f}" if pd.notna(v) else f"{'not reached':>17}")
+        print(f"{r['label']:<24} {int(r['n']):>5} {acc:>14}" + "".join(f" {c}" for c in cells))
 
 
 def cmd_report(args) -> int:
