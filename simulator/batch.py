@@ -49,7 +49,7 @@ BATCH_META = "batch.json"
 RUNS_CSV = "runs.csv"
 
 # Keys of a compare file (a scenario YAML with these extra top-level keys, or ``base:`` + them).
-COMPARE_KEYS = ("base", "algorithms", "seeds", "variants")
+from simulator.scenario import COMPARE_KEYS  # noqa: E402  (top-level keys of a comparison file)
 # Keys of a grid file.
 GRID_KEYS = ("name", "description", "base", "grid", "seeds", "set")
 
@@ -297,16 +297,6 @@ def split_overrides(items: Iterable[str]) -> tuple[list[str], list[tuple[str, st
     return plain, prefixed
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def _dotted_items(mapping: Any, where: str) -> list[tuple[str, Any]]:
     if mapping is None:
         return []
@@ -362,14 +352,14 @@ def plan_compare(path: str | Path, algorithms: Sequence[str] | None = None, seed
     (give it an ``ALG:`` prefix); keys of the base scenario's algorithm section that a target
     lacks are not carried over and are recorded in the spec's ``dropped_keys``.
     """
-    from simulator.scenario import load_raw
+    from simulator.scenario import load_raw, merge_mappings, scenario_mapping
 
     p = Path(path)
     raw = load_raw(p)
     file_keys = {k: raw.pop(k) for k in COMPARE_KEYS if k in raw}
     if "base" in file_keys:
         base_path = (p.parent / str(file_keys["base"])).resolve()
-        raw = _deep_merge(load_raw(base_path), raw)
+        raw = merge_mappings(scenario_mapping(base_path), raw)
     base_alg = (raw.get("algorithm") or {}).get("name") if isinstance(raw.get("algorithm"), dict) else None
 
     var_spec = variants if variants is not None else file_keys.get("variants")
@@ -463,7 +453,7 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = (), seeds: Any = Non
     base-scenario keys it lacks are not carried over and are recorded in ``dropped_keys``. Run
     ids read ``key1=v1,key2=v2,seed=k``.
     """
-    from simulator.scenario import load_raw
+    from simulator.scenario import load_raw, scenario_mapping
 
     p = Path(path)
     doc = load_raw(p)
@@ -474,7 +464,7 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = (), seeds: Any = Non
     if not doc.get("base"):
         raise UserError(f"{p}: base: required (the scenario file the grid varies, relative to this file)")
     base_path = (p.parent / str(doc["base"])).resolve()
-    base = load_raw(base_path)
+    base = scenario_mapping(base_path)  # a comparison file's own algorithms/variants are set aside
     grid = doc.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise UserError(f"{p}: grid: expected a mapping {{dotted.key: [values...]}} with at least one key")
