@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-import simulator.algorithms.splitfed as splitfed
+import simulator.algorithms.mu_splitfed as rounds  # where SplitFed's exchange calls server_step
 from simulator import runner as runner_mod
 from simulator.batch import plan_compare, run_batch
 from simulator.cli import main
@@ -21,30 +21,10 @@ from simulator.scenario import apply_overrides, validate
 OUTPUTS = ("scenario.yaml", "metrics.csv", "events.csv", "summary.json", "accuracy_vs_time.png")
 
 
-def _copyable(e: Exception) -> bool:
-    try:
-        type(e)(*e.args)
-    except TypeError:
-        return False
-    return True
-
-
 def _diverge_when(monkeypatch, when):
     """Make SplitFed's server step raise Diverged (as the algorithms do on a NaN loss) when
     ``when(cfg, seed, call)`` is true; ``call`` counts server steps within the run."""
-    if not _copyable(Diverged("x", round=0, local_step=0, party="server")):
-        # Until Diverged can be re-created from its args (test_diverged_survives_simpys_copy),
-        # SimPy turns it into a TypeError; give it positional arguments here so the tests
-        # below check the runner, CLI, batch and report. Remove once errors.py is fixed.
-        init = Diverged.__init__
-
-        def positional(self, what, round=None, local_step=None, party="", client=None):
-            init(self, what, round=round, local_step=local_step, party=party, client=client)
-            self.message, self.args = RuntimeError.__str__(self), (what, round, local_step, party, client)
-
-        monkeypatch.setattr(Diverged, "__init__", positional)
-        monkeypatch.setattr(Diverged, "__str__", lambda self: self.message)
-    original, seen = splitfed.server_step, {"seed": None, "calls": 0}
+    original, seen = rounds.server_step, {"seed": None, "calls": 0}
     build = runner_mod.build_context
 
     def build_context(scenario, sim, device):
@@ -58,7 +38,7 @@ def _diverge_when(monkeypatch, when):
         return original(module, params, h, y, cfg, buffers, aux)
 
     monkeypatch.setattr(runner_mod, "build_context", build_context)
-    monkeypatch.setattr(splitfed, "server_step", server_step)
+    monkeypatch.setattr(rounds, "server_step", server_step)
 
 
 def test_diverged_survives_simpys_copy():
@@ -66,8 +46,8 @@ def test_diverged_survives_simpys_copy():
     Process._resume; simpy/core.py, Environment.step): for Diverged that must not raise, or a
     divergence inside an algorithm's process reaches the runner as a TypeError."""
     e = Diverged("loss (nan)", round=3, local_step=1, party="client", client=3)
-    assert _copyable(e), "simulator.errors.Diverged cannot be re-created from e.args"
-    assert isinstance(type(e)(*e.args), Diverged)
+    copy = type(e)(*e.args)
+    assert isinstance(copy, Diverged) and str(copy) == str(e) and copy.info() == e.info()
 
 
 def test_diverged_run_is_a_result_with_every_output(tiny_raw, tmp_path, monkeypatch, caplog):
@@ -147,3 +127,21 @@ def test_batch_records_diverged_runs_and_report_excludes_them(tmp_path, tiny_raw
     assert ("Excluded from means and CIs: 3 diverged run(s) (`splitfed_v1-seed4`, `splitfed_v2-seed3`, "
             "`splitfed_v2-seed4`)") in md
     assert "| run | seeds | diverged |" in (out / "report" / "tables" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("algo", [
+    {"name": "mu_splitfed", "server_optimizer": "zo", "lr_server": 1.0e4, "tau": 4},
+    {"name": "splitfed_zo", "server_optimizer": "fo", "lr_server": 1.0e6, "lr_client": 1.0e6},
+    {"name": "splitfed_v1", "lr_server": 1.0e6, "lr_client": 1.0e6},
+    {"name": "gas", "active_clients": 2, "lr_server": 1.0e6, "lr_client": 1.0e6, "clip_norm": None,
+     "covariance": "diagonal"},
+])
+def test_real_divergence_stops_the_run_where_it_happened(tiny_raw, algo):
+    """Huge step sizes really produce NaN/inf: the run stops at once with status diverged."""
+    tiny_raw["algorithm"] = {"batch_size": 16, "local_steps": 2, **algo}
+    tiny_raw["stop"] = {"rounds": 30}
+    s = run_scenario(validate(tiny_raw)).summary
+    assert s["status"] == "diverged", s["final_accuracy"]
+    info = s["diverged"]
+    assert info["party"] in ("server", "client", "fed server", "split server") and info["round"] < 30
+    assert s["rounds"] == info["round"]  # the round it diverged in did not complete

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from simulator.algorithms.splitfed import client_backward_step, server_step
 from simulator.algorithms.common import (
     ClientBatches,
     Params,
@@ -293,7 +294,8 @@ class SplitRounds:
         zo_client = cfg.client_optimizer == "zo"
         steps = self.steps_for(c)
         recs = [_ClientRound(round=r, client=c, start_s=float(sim.now), local_step=k) for k in range(steps)]
-        self.records.extend(recs)
+        if self.table:  # kept for summary_extra (the rows go to client_rounds.csv at round end)
+            self.records.extend(recs)
 
         # Line 1: the client downloads x_c; the Split Server starts its copy x_s,m (V2: shares one).
         yield from sim.send(c, DOWNLINK, "model_down", prof.client_param_bytes, r)
@@ -330,8 +332,6 @@ class SplitRounds:
     def fo_exchange(self, c, r, k, client: Params, client_buf: dict, server: Params, server_buf: dict,
                     rec: _ClientRound):
         """Forward, h up, the server's step(s), dL/dh down, client backward and SGD step."""
-        from simulator.algorithms.splitfed import client_backward_step, server_step
-
         ctx, cfg, sim, prof, parts = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile, self.ctx.parts
         idx = self.batches.next(c)
         scale = len(idx) / cfg.batch_size
@@ -501,7 +501,8 @@ class SplitRounds:
             sim.end_round(r)
 
     def summary_extra(self) -> dict:
-        """Totals over every local iteration, under the key ``mu_splitfed`` of summary.json."""
+        """Totals over every local iteration, under the key ``mu_splitfed`` of summary.json (also for
+        splitfed_zo and for SplitFed with ZO clients: the same exchange)."""
         if not self.table:
             return {}
         done = [r for r in self.records if r.end_s == r.end_s]  # finished local iterations (end_s is not NaN)
