@@ -138,7 +138,7 @@ def test_lr_global_steps_from_the_old_model_toward_the_average():
     """lr_global 0.5 lands halfway between the round's starting model and the plain average."""
     def client_after(lr_global):
         res = run_scenario(validate(_raw("splitfed_v1", lr_global=lr_global, lr_client=0.05)))
-        return res.algorithm.client_global
+        return res.algorithm.state.client_global
 
     start = params_of(split(build_model("mlp", 1, 10, (8, 8), seed=TINY["seed"]), 1).client)
     full, half = client_after(1.0), client_after(0.5)

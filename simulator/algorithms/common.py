@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ from torch.func import functional_call
 from simulator import rng
 from simulator.errors import Diverged
 from simulator.config import Fraction, KeyedValueError, NonNegFloat, PosFloat, PosInt, Strict
+
+if TYPE_CHECKING:  # types only: common.py must not import the runner's world at run time
+    from models.profile import CutProfile
+    from simulator.engine import Simulation
+    from simulator.scenario import Scenario
 
 Params = dict[str, torch.Tensor]
 
@@ -106,13 +111,13 @@ class RoundConfig(TrainConfig):
 class RunContext:
     """Everything an algorithm is built from (the runner fills it in)."""
 
-    scenario: Any
-    cfg: Any  # the algorithm's own config object
-    data: Any  # simulator.data.Dataset (or a text dataset)
-    parts: Any  # models.split.SplitModel: .client, .server modules
-    profile: Any  # models.profile.CutProfile at the algorithm's batch size
-    partitions: list  # index arrays, one per client
-    sim: Any  # simulator.engine.Simulation
+    scenario: "Scenario"
+    cfg: TrainConfig  # the algorithm's own config object (a TrainConfig subclass)
+    data: Any  # an image or text dataset: x_train, y_train, x_test, y_test, num_classes
+    parts: Any  # models.split.SplitModel (text models add ``aux(x)``): .client, .server modules
+    profile: "CutProfile"  # measured at the algorithm's batch size
+    partitions: list[np.ndarray]  # index arrays, one per client
+    sim: "Simulation"
     device: torch.device
     seed: int
 
@@ -144,6 +149,16 @@ def param_bytes(params: Params) -> int:
 def forward(module: torch.nn.Module, params: Params, *args) -> torch.Tensor:
     """Run a module skeleton with the given parameters."""
     return functional_call(module, params, args)
+
+
+def aux_of(parts, x: torch.Tensor):
+    """The server's side input for a batch (a text model's attention mask), or None."""
+    return parts.aux(x) if hasattr(parts, "aux") else None
+
+
+def server_logits(module: torch.nn.Module, params: Params, h: torch.Tensor, aux=None) -> torch.Tensor:
+    """The server part's output on h (with its side input where the model has one)."""
+    return forward(module, params, h) if aux is None else forward(module, params, h, aux)
 
 
 def leaf(params: Params) -> Params:
@@ -227,6 +242,19 @@ def check_params(params: Params, what: str, *, round: int, party: str, client: O
 
 
 # --------------------------------------------------------------------------------------------
+# The round barrier
+# --------------------------------------------------------------------------------------------
+def run_round(sim, jobs: list):
+    """Start every job (a SimPy generator) as a process, in the given order, and wait for all.
+
+    The one barrier round-based algorithms use (``yield from run_round(sim, jobs)``): processes
+    start in list order, so equal-time ties break the same way every run.
+    """
+    procs = [sim.env.process(job) for job in jobs]
+    yield sim.env.all_of(procs)
+
+
+# --------------------------------------------------------------------------------------------
 # Clients and minibatches
 # --------------------------------------------------------------------------------------------
 def select_clients(seed: int, round: int, num_clients: int, fraction: float) -> list[int]:
@@ -293,8 +321,7 @@ def evaluate(parts, client_params: Params, server_params: Params, x: torch.Tenso
     for s in range(0, n, batch_size):
         xb, yb = x[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
         h = forward(parts.client, client_params, xb)
-        aux = parts.aux(xb) if hasattr(parts, "aux") else None
-        logits = forward(parts.server, server_params, h) if aux is None else forward(parts.server, server_params, h, aux)
+        logits = server_logits(parts.server, server_params, h, aux_of(parts, xb))
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     return correct / n, loss_sum / n

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from simulator import rng
+from simulator import rng, zo
 from simulator.algorithms.common import (
     ClientBatches,
     Params,
@@ -241,6 +241,33 @@ class ServerJob:
     stats_classes: int
 
 
+@dataclass
+class GASState:
+    """Everything GAS carries through time: plain data (the models, buffers and counters).
+
+    ``active`` lists the client of each slot; the slots' processes are rebuilt from it.
+    """
+
+    client_global: Params
+    server: Params
+    batches: ClientBatches
+    stats: GaussianStats
+    server_buffers: dict = field(default_factory=dict)
+    shared_client_buffers: dict = field(default_factory=dict)
+    act_buffer: list = field(default_factory=list)  # (h, y, weight, client), in arrival order
+    model_buffer: list = field(default_factory=list)  # (client, params, iteration the client started from)
+    iteration: int = 0  # global iterations done
+    updates_triggered: int = 0  # server updates whose buffer has filled
+    updates_done: int = 0
+    client_iterations: int = 0
+    replacements: int = 0
+    real_total: int = 0
+    generated_total: int = 0
+    total_weight: float = 1.0  # the code's total_weight_count (weight_growth: code)
+    active: list = field(default_factory=list)
+    server_losses: list = field(default_factory=list)
+
+
 class GAS:
     """GAS as SimPy processes: one per active slot, one per server update, no rounds."""
 
@@ -256,15 +283,6 @@ class GAS:
                                 "(generated activations carry no auxiliary inputs)")
         self.q_s = cfg.activation_buffer or cfg.active_clients
         self.q_c = cfg.model_buffer or cfg.active_clients
-        if cfg.client_optimizer == "zo":
-            from simulator import zo  # noqa: F401  (fails loudly if the ZO estimator is missing)
-
-            self.zo = zo
-        self.client_global: Params = params_of(parts.client)
-        self.server: Params = params_of(parts.server)
-        self.server_buffers: dict = {}
-        self.shared_client_buffers: dict = {}
-        self.batches = ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed)
         self.num_classes = int(ctx.data.num_classes)
         y_train = ctx.data.y_train
         self.log_priors = [
@@ -276,38 +294,29 @@ class GAS:
         self.act_shape = tuple(prof.activation_shape[1:])
         self.dim = int(math.prod(self.act_shape))
         dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
-        self.stats = GaussianStats(self.num_classes, self.dim, cfg.covariance, dtype, cfg.merge_ridge)
         if cfg.generate and cfg.covariance == "full":
             gib = 2 * self.num_classes * self.dim**2 * dtype.itemsize / 2**30  # covariances + factors
             if gib > 2:
                 log.warning("gas: full covariances of %d features for %d classes need about %.1f GiB; "
                             "consider algorithm.covariance=diagonal", self.dim, self.num_classes, gib)
-        self.client_n = num_params(self.client_global)
-        # ---- counters (state is data) --------------------------------------------------
-        self.act_buffer: list = []  # (h, y, weight, client), in arrival order
-        self.model_buffer: list = []  # (client, params, iteration the client started from)
-        self.iteration = 0  # global iterations done
-        self.updates_triggered = 0  # server updates whose buffer has filled
-        self.updates_done = 0
-        self.client_iterations = 0
-        self.replacements = 0
-        self.real_total = 0
-        self.generated_total = 0
-        self.total_weight = 1.0  # the code's total_weight_count (weight_growth: code)
-        self.active: list[int] = []
-        self.server_losses: list[float] = []
+        self.state = GASState(
+            client_global=params_of(parts.client), server=params_of(parts.server),
+            batches=ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed),
+            stats=GaussianStats(self.num_classes, self.dim, cfg.covariance, dtype, cfg.merge_ridge),
+        )
+        self.client_n = num_params(self.state.client_global)
 
     # ---- evaluation (free) ------------------------------------------------------------------
     def evaluate(self, x, y, batch_size):
-        return evaluate(self.ctx.parts, self.client_global, self.server, x, y, batch_size, self.ctx.device)
+        return evaluate(self.ctx.parts, self.state.client_global, self.state.server, x, y, batch_size, self.ctx.device)
 
     # ---- the run ------------------------------------------------------------------------------
     def process(self):
         """Draw the first C clients and start one process per slot, in sorted order."""
         ctx, sim, cfg = self.ctx, self.ctx.sim, self.cfg
         first = rng.generator(ctx.seed, "algo", "gas_initial").choice(ctx.num_clients, cfg.active_clients, replace=False)
-        self.active = sorted(int(c) for c in first)
-        for j, c in enumerate(list(self.active)):
+        self.state.active = sorted(int(c) for c in first)
+        for j, c in enumerate(list(self.state.active)):
             sim.env.process(self.client_slot(j, c))
         yield sim.stopped
 
@@ -317,12 +326,12 @@ class GAS:
         prof = self.ctx.profile
         weight = 1.0  # the code's per-client counter; the first clients start at 1
         while not sim.stopping:
-            start_it = self.iteration
-            params = clone(self.client_global)  # what the server sends when the download starts
+            start_it = self.state.iteration
+            params = clone(self.state.client_global)  # what the server sends when the download starts
             # Fed Server -> client: the global client model.
             yield from sim.send(client, DOWNLINK, "model_down", prof.client_param_bytes, start_it)
-            buffers = self.shared_client_buffers if cfg.client_momentum == "shared" else {}
-            for _ in range(cfg.steps_for(self.batches.batches_per_epoch(client))):
+            buffers = self.state.shared_client_buffers if cfg.client_momentum == "shared" else {}
+            for _ in range(cfg.steps_for(self.state.batches.batches_per_epoch(client))):
                 if sim.stopping:
                     return
                 if cfg.client_optimizer == "zo":
@@ -330,24 +339,24 @@ class GAS:
                 else:
                     yield from self.fo_iteration(client, params, buffers, weight)
                 weight += 1.0
-                self.client_iterations += 1
+                self.state.client_iterations += 1
             # Client -> Fed Server: the updated client model, into the model buffer.
-            yield from sim.send(client, UPLINK, "model_up", prof.client_param_bytes, self.iteration)
-            self.model_buffer.append((client, params, start_it))
-            if len(self.model_buffer) >= self.q_c:
+            yield from sim.send(client, UPLINK, "model_up", prof.client_param_bytes, self.state.iteration)
+            self.state.model_buffer.append((client, params, start_it))
+            if len(self.state.model_buffer) >= self.q_c:
                 yield from self.aggregate()
             if sim.stopping:
                 return
             client = self.replace(j, client)
-            weight = self.total_weight
+            weight = self.state.total_weight
 
     # ---- one local iteration, first-order (GAS) -----------------------------------------------
     def fo_iteration(self, client: int, params: Params, buffers: dict, weight: float):
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
-        idx = self.batches.next(client)
+        idx = self.state.batches.next(client)
         scale = len(idx) / cfg.batch_size
         x, y = batch_tensors(ctx.data, idx, ctx.device)
-        it = self.iteration
+        it = self.state.iteration
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
         p = leaf(params)
         h = forward(ctx.parts.client, p, x)
@@ -356,8 +365,8 @@ class GAS:
         # The server computes dL/dh at once with its CURRENT model (it competes with updates).
         yield from sim.serve("server_gradient",
                              (prof.server_forward_flops + prof.server_backward_flops) * scale, client, it)
-        dh, loss = la_gradient(ctx.parts.server, self.server, h.detach(), y, self.log_priors[client])
-        check_finite(loss, "client training loss", round=it, local_step=self.client_iterations, party="server",
+        dh, loss = la_gradient(ctx.parts.server, self.state.server, h.detach(), y, self.log_priors[client])
+        check_finite(loss, "client training loss", round=it, local_step=self.state.client_iterations, party="server",
                      client=client)
         self.store(h.detach(), y, weight, client)
         # Split Server -> client: dL/dh; client backward and step.
@@ -374,15 +383,14 @@ class GAS:
         ZO-SGD (no momentum, weight decay or clipping on the client), as MU-SplitFed runs it.
         """
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
-        zo = self.zo
-        idx = self.batches.next(client)
+        idx = self.state.batches.next(client)
         scale = len(idx) / cfg.batch_size
         x, y = batch_tensors(ctx.data, idx, ctx.device)
-        it = self.iteration
+        it = self.state.iteration
         n_p, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
         n = self.client_n
         sphere = n_p * n if direction == "sphere" else 0  # the sphere's norm pass, once per seed
-        k = self.client_iterations
+        k = self.state.client_iterations
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
         with torch.no_grad():
             h = forward(ctx.parts.client, params, x)
@@ -393,7 +401,7 @@ class GAS:
         # The server evaluates the loss at the 2P perturbed activations with its current model.
         yield from sim.serve("server_zo_eval", 2 * n_p * prof.server_forward_flops * scale, client, it)
         self.store(h, y, weight, client)
-        server, prior, parts = self.server, self.log_priors[client], ctx.parts
+        server, prior, parts = self.state.server, self.log_priors[client], ctx.parts
 
         def loss_fn() -> float:  # the split forward: client part on x, server loss on its output
             return la_loss(parts.server, server, forward(parts.client, params, x), y, prior)
@@ -411,44 +419,44 @@ class GAS:
     # ---- the activation buffer -----------------------------------------------------------------
     def activation_weight(self, weight: float) -> float:
         """paper: s(n) = n, n = 1-based index of the server update this buffer feeds."""
-        return float(self.updates_triggered + 1) if self.cfg.weight_growth == "paper" else float(weight)
+        return float(self.state.updates_triggered + 1) if self.cfg.weight_growth == "paper" else float(weight)
 
     def store(self, h: torch.Tensor, y: torch.Tensor, weight: float, client: int) -> None:
         """Put (h, y, weight) in the buffer; a full buffer is prepared and its update started."""
-        self.act_buffer.append((h, y, self.activation_weight(weight), client))
-        if len(self.act_buffer) >= self.q_s:
-            entries, self.act_buffer = self.act_buffer, []
+        self.state.act_buffer.append((h, y, self.activation_weight(weight), client))
+        if len(self.state.act_buffer) >= self.q_s:
+            entries, self.state.act_buffer = self.state.act_buffer, []
             job = self.prepare(entries)
             self.ctx.sim.env.process(self.server_update(job))
 
     def prepare(self, entries: list) -> ServerJob:
         """(a) merge statistics, (b) top up classes below B: real work, priced in the job."""
         cfg = self.cfg
-        self.updates_triggered += 1
-        step = self.updates_triggered
+        self.state.updates_triggered += 1
+        step = self.state.updates_triggered
         h = torch.cat([e[0] for e in entries])
         y = torch.cat([e[1] for e in entries])
         w = torch.cat([torch.full((len(e[1]),), e[2], dtype=torch.float64) for e in entries])
         flops, updated, generated = 0.0, [], None
         if cfg.generate:
             counts = torch.bincount(y.cpu(), minlength=self.num_classes).tolist()
-            updated = self.stats.update(h.reshape(len(y), -1), y, w.to(h.device))
-            flops += sum(self.stats.update_flops(counts[c]) for c in updated)
-            if self.stats.all_ready():
-                generated = top_up(h, y, self.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
-                flops += generated.factor_attempts * self.stats.factor_flops()
-                flops += self.stats.sample_flops(generated.generated)
+            updated = self.state.stats.update(h.reshape(len(y), -1), y, w.to(h.device))
+            flops += sum(self.state.stats.update_flops(counts[c]) for c in updated)
+            if self.state.stats.all_ready():
+                generated = top_up(h, y, self.state.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
+                flops += generated.factor_attempts * self.state.stats.factor_flops()
+                flops += self.state.stats.sample_flops(generated.generated)
         if generated is None:
             generated = TopUp(h, y, len(y), 0)
-        self.real_total += generated.real
-        self.generated_total += generated.generated
+        self.state.real_total += generated.real
+        self.state.generated_total += generated.generated
         return ServerJob(
             step=step, trigger_s=float(self.ctx.sim.now), h=generated.h, y=generated.y,
             real=generated.real, generated=generated.generated, stats_flops=flops,
             classes_updated=len(updated), factorisations=len(generated.factorised),
             factor_attempts=generated.factor_attempts, jitter_max=generated.jitter_max,
             weight_min=float(w.min()), weight_max=float(w.max()),
-            clients=" ".join(str(e[3]) for e in entries), stats_classes=len(self.stats.classes),
+            clients=" ".join(str(e[3]) for e in entries), stats_classes=len(self.state.stats.classes),
         )
 
     def server_update(self, job: ServerJob):
@@ -457,14 +465,14 @@ class GAS:
         n = len(job.y)
         sgd_flops = (prof.server_forward_flops + prof.server_backward_flops) * n / cfg.batch_size
         start = sim.now
-        yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.iteration)
-        loss = server_sgd_step(self.ctx.parts.server, self.server, job.h, job.y, cfg, self.server_buffers)
-        check_finite(loss, "server training loss", round=self.iteration, local_step=None, party="server")
-        self.updates_done += 1
-        self.server_losses.append(loss)
+        yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.state.iteration)
+        loss = server_sgd_step(self.ctx.parts.server, self.state.server, job.h, job.y, cfg, self.state.server_buffers)
+        check_finite(loss, "server training loss", round=self.state.iteration, local_step=None, party="server")
+        self.state.updates_done += 1
+        self.state.server_losses.append(loss)
         sim.recorder.table("gas_server_steps", {
             "step": job.step, "trigger_s": job.trigger_s, "start_s": start, "end_s": float(sim.now),
-            "iteration": self.iteration, "clients": job.clients, "real": job.real,
+            "iteration": self.state.iteration, "clients": job.clients, "real": job.real,
             "generated": job.generated, "stats_classes": job.stats_classes, "classes_updated": job.classes_updated,
             "factorisations": job.factorisations, "factor_attempts": job.factor_attempts,
             "jitter_max": job.jitter_max, "weight_min": job.weight_min, "weight_max": job.weight_max,
@@ -475,56 +483,56 @@ class GAS:
     def aggregate(self):
         """Q_c models are in: the global client model becomes their average (one global iteration)."""
         sim, cfg = self.ctx.sim, self.cfg
-        entries, self.model_buffer = self.model_buffer[: self.q_c], self.model_buffer[self.q_c:]
-        it = self.iteration
+        entries, self.state.model_buffer = self.state.model_buffer[: self.q_c], self.state.model_buffer[self.q_c:]
+        it = self.state.iteration
         yield from sim.fed("aggregate_client", aggregation_flops(self.client_n, len(entries)), it)
         if cfg.aggregation == "data_size":
             weights = [float(self.sizes[c]) for c, _, _ in entries]
         else:
             weights = [1.0] * len(entries)
-        self.client_global = aggregate(self.client_global, [p for _, p, _ in entries], weights, cfg.lr_global)
-        check_params(self.client_global, "client model", round=it, party="fed server")
+        self.state.client_global = aggregate(self.state.client_global, [p for _, p, _ in entries], weights, cfg.lr_global)
+        check_params(self.state.client_global, "client model", round=it, party="fed server")
         if cfg.weight_growth == "code":
-            self.total_weight += self.updates_triggered  # code: total_weight_count += local_epoch
-        self.iteration += 1
+            self.state.total_weight += self.state.updates_triggered  # code: total_weight_count += local_epoch
+        self.state.iteration += 1
         staleness = [it - s for _, _, s in entries]
         sim.recorder.table("gas_iterations", {
             "iteration": it, "sim_time_s": float(sim.now), "clients": " ".join(str(c) for c, _, _ in entries),
             "mean_staleness": sum(staleness) / len(staleness), "max_staleness": max(staleness),
-            "server_updates_done": self.updates_done, "server_updates_triggered": self.updates_triggered,
-            "client_iterations": self.client_iterations, "real_total": self.real_total,
-            "generated_total": self.generated_total, "replacements": self.replacements,
+            "server_updates_done": self.state.updates_done, "server_updates_triggered": self.state.updates_triggered,
+            "client_iterations": self.state.client_iterations, "real_total": self.state.real_total,
+            "generated_total": self.state.generated_total, "replacements": self.state.replacements,
         })
         sim.end_round(it)
 
     def replace(self, j: int, client: int) -> int:
         """A client drawn uniformly from the inactive ones takes slot j (the same one if none)."""
-        inactive = [c for c in range(self.ctx.num_clients) if c not in self.active]
+        inactive = [c for c in range(self.ctx.num_clients) if c not in self.state.active]
         if inactive:
-            g = rng.generator(self.ctx.seed, "algo", "gas_replace", self.replacements)
+            g = rng.generator(self.ctx.seed, "algo", "gas_replace", self.state.replacements)
             client = inactive[int(g.integers(len(inactive)))]
-        self.replacements += 1
-        self.active[j] = client
+        self.state.replacements += 1
+        self.state.active[j] = client
         return client
 
     # ---- the run's summary ---------------------------------------------------------------------
     def summary_extra(self) -> dict:
-        s = self.stats
+        s = self.state.stats
         return {"gas": {
-            "global_iterations": self.iteration,
-            "server_updates_done": self.updates_done,
-            "server_updates_triggered": self.updates_triggered,
-            "client_iterations": self.client_iterations,
-            "replacements": self.replacements,
-            "real_activations": self.real_total,
-            "generated_activations": self.generated_total,
+            "global_iterations": self.state.iteration,
+            "server_updates_done": self.state.updates_done,
+            "server_updates_triggered": self.state.updates_triggered,
+            "client_iterations": self.state.client_iterations,
+            "replacements": self.state.replacements,
+            "real_activations": self.state.real_total,
+            "generated_activations": self.state.generated_total,
             "factorisations": s.factorisations,
             "failed_factorisations": s.failed_factorisations,
             "classes_with_statistics": len(s.classes),
             "activation_dim": self.dim,
             "activation_buffer": self.q_s,
             "model_buffer": self.q_c,
-            "last_server_loss": self.server_losses[-1] if self.server_losses else None,
+            "last_server_loss": self.state.server_losses[-1] if self.state.server_losses else None,
         }}
 
 

@@ -54,8 +54,8 @@ Choices where the paper is silent (also in docs/mu_splitfed.md):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
 
 import simpy
 import torch
@@ -71,6 +71,7 @@ from simulator.algorithms.common import (
     aggregate,
     aggregation_flops,
     aggregation_weights,
+    aux_of,
     batch_tensors,
     check_finite,
     check_params,
@@ -81,8 +82,10 @@ from simulator.algorithms.common import (
     num_params,
     params_of,
     refuse,
+    run_round,
     select_clients,
     sgd_step,
+    server_logits,
 )
 from simulator.config import Fraction, PosFloat, PosInt
 from simulator.errors import UserError
@@ -136,8 +139,7 @@ class SplitFedZOConfig(ZOSplitConfig):
 # Pure steps: tensors in, tensors out (no clock)
 # --------------------------------------------------------------------------------------------
 def _server_loss(module, params: Params, h: torch.Tensor, y: torch.Tensor, aux=None) -> torch.Tensor:
-    logits = forward(module, params, h) if aux is None else forward(module, params, h, aux)
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(server_logits(module, params, h, aux), y)
 
 
 @torch.no_grad()
@@ -233,6 +235,41 @@ class _ClientRound:
         return dict(self.__dict__)
 
 
+@dataclass
+class RoundsState:
+    """What a round-based run carries from one round to the next: plain data, no processes.
+
+    Between rounds (the barrier) this is the whole algorithm: the global parts, V2's shared
+    server momentum, the minibatch cursors and the per-iteration records behind the summary.
+    """
+
+    round: int
+    client_global: Params
+    server_global: Params
+    batches: ClientBatches
+    server_buffers: dict = field(default_factory=dict)  # V2's shared server momentum (persists)
+    records: list = field(default_factory=list)  # _ClientRound rows (only where the table is kept)
+
+
+@dataclass
+class _Exchange:
+    """One local iteration of one client in flight: what the client and server sides share."""
+
+    client: int
+    round: int
+    step: int  # local iteration k within the round
+    server: Params  # the server copy it trains (V2: the shared server model)
+    server_buf: dict
+    h: torch.Tensor
+    y: torch.Tensor
+    aux: object
+    rec: _ClientRound
+    pairs: list = field(default_factory=list)  # (h+_p, h-_p), filled by the client as it probes
+    h_arrived: Optional[simpy.Event] = None
+    perturbed: tuple = ()  # arrival events of h+_1, h-_1, h+_2, ...
+    scalars: Optional[simpy.Event] = None
+
+
 class SplitRounds:
     """Round-based split learning: MU-SplitFed, splitfed_zo and SplitFed V1/V2.
 
@@ -241,6 +278,7 @@ class SplitRounds:
     'adaptive'). ``dh_with_step``: a first-order client gets dL/dh from the backward pass of
     the server's (single) step, as SplitFed does; otherwise from the copy after its tau steps.
     ``table``: write client_rounds.csv (one row per local iteration of a client).
+    State lives in ``self.state`` (``RoundsState``); the rest is configuration.
     """
 
     def __init__(self, ctx: RunContext, *, shared_server: bool = False, tau: Union[int, str] = 1, tau_max: int = 1,
@@ -254,29 +292,33 @@ class SplitRounds:
                                 f"but these are frozen: {frozen[:5]}")
         self.shared_server, self.dh_with_step, self.table = shared_server, dh_with_step, table
         self.tau, self.tau_max = tau, tau_max
-        self.client_global: Params = params_of(ctx.parts.client)
-        self.server_global: Params = params_of(ctx.parts.server)
-        self.server_buffers: dict = {}  # V2's shared server momentum (persists across rounds)
-        self.batches = ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed)
-        self.round = 0
-        self.client_n = num_params(self.client_global)
-        self.server_n = num_params(self.server_global)
-        self.records: list[_ClientRound] = []
+        self.state = RoundsState(round=0, client_global=params_of(ctx.parts.client),
+                                 server_global=params_of(ctx.parts.server),
+                                 batches=ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed))
+        self.client_n = num_params(self.state.client_global)
+        self.server_n = num_params(self.state.server_global)
         # One FIFO queue per client uplink: a client sends one message at a time.
         self.uplinks = [simpy.Resource(ctx.sim.env, capacity=1) for _ in range(ctx.num_clients)]
 
     def evaluate(self, x, y, batch_size):
-        return evaluate(self.ctx.parts, self.client_global, self.server_global, x, y, batch_size, self.ctx.device)
+        st = self.state
+        return evaluate(self.ctx.parts, st.client_global, st.server_global, x, y, batch_size, self.ctx.device)
 
     def steps_for(self, client: int) -> int:
         """Local iterations of ``client`` per round (local_steps, or local_epochs passes)."""
-        return self.cfg.steps_for(self.batches.batches_per_epoch(client))
+        return self.cfg.steps_for(self.state.batches.batches_per_epoch(client))
 
     def _rng(self, n: int, passes: int, seeds: int = 0) -> int:
         """Random numbers regenerated by ``passes`` in-place passes over n parameters, plus the
         sphere direction's norm pass once per new seed."""
         extra = seeds if self.cfg.zo.direction == "sphere" else 0
         return n * (passes + extra)
+
+    def _batch(self, c: int):
+        """The next minibatch of client c: (x, y, aux, scale of its priced FLOPs)."""
+        idx = self.state.batches.next(c)
+        x, y = batch_tensors(self.ctx.data, idx, self.ctx.device)
+        return x, y, aux_of(self.ctx.parts, x), len(idx) / self.cfg.batch_size
 
     # ---- timed helpers -----------------------------------------------------------------------
     def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
@@ -290,22 +332,22 @@ class SplitRounds:
 
     # ---- one client's round ------------------------------------------------------------------
     def client_round(self, c: int, r: int, out: dict):
-        ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
+        cfg, sim, prof = self.cfg, self.ctx.sim, self.ctx.profile
         zo_client = cfg.client_optimizer == "zo"
         steps = self.steps_for(c)
         recs = [_ClientRound(round=r, client=c, start_s=float(sim.now), local_step=k) for k in range(steps)]
         if self.table:  # kept for summary_extra (the rows go to client_rounds.csv at round end)
-            self.records.extend(recs)
+            self.state.records.extend(recs)
 
         # Line 1: the client downloads x_c; the Split Server starts its copy x_s,m (V2: shares one).
         yield from sim.send(c, DOWNLINK, "model_down", prof.client_param_bytes, r)
         recs[0].bytes_down += prof.client_param_bytes
-        client = clone(self.client_global)
+        client = clone(self.state.client_global)
         client_buf: dict = {}
         if self.shared_server:
-            server, server_buf = self.server_global, self.server_buffers
+            server, server_buf = self.state.server_global, self.state.server_buffers
         else:
-            server, server_buf = clone(self.server_global), {}
+            server, server_buf = clone(self.state.server_global), {}
 
         for k, rec in enumerate(recs):
             rec.start_s = float(sim.now)
@@ -332,15 +374,12 @@ class SplitRounds:
     def fo_exchange(self, c, r, k, client: Params, client_buf: dict, server: Params, server_buf: dict,
                     rec: _ClientRound):
         """Forward, h up, the server's step(s), dL/dh down, client backward and SGD step."""
-        ctx, cfg, sim, prof, parts = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile, self.ctx.parts
-        idx = self.batches.next(c)
-        scale = len(idx) / cfg.batch_size
-        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        cfg, sim, prof, parts = self.cfg, self.ctx.sim, self.ctx.profile, self.ctx.parts
+        x, y, aux, scale = self._batch(c)
         # Client forward on its minibatch.
         yield from sim.compute(c, "client_forward", prof.client_forward_flops * scale, r)
         p = leaf(client)
         h = forward(parts.client, p, x)
-        aux = parts.aux(x) if hasattr(parts, "aux") else None
         # Client -> Split Server: smashed data h and labels.
         nbytes = int((prof.activation_bytes + prof.label_bytes) * scale)
         yield from sim.send(c, UPLINK, "activation", nbytes, r)
@@ -356,7 +395,8 @@ class SplitRounds:
             dh, loss = server_step(parts.server, server, h.detach(), y, cfg, server_buf, aux)
         else:
             # MU-SplitFed with a first-order client: tau steps, then dL/dh from the updated copy.
-            yield from self.server_steps(c, r, k, server, server_buf, h.detach(), y, aux, rec, ())
+            ex = _Exchange(c, r, k, server, server_buf, h.detach(), y, aux, rec)
+            yield from self.server_steps(ex)
             busy, queued = yield from sim.serve("server_gradient", fb, c, r)
             rec.server_loss_diff_s += busy
             rec.server_queue_s += queued
@@ -379,38 +419,32 @@ class SplitRounds:
         P, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
 
         # Line 2: a minibatch; h at once, then the 2P perturbed activations as they are ready.
-        idx = self.batches.next(c)
-        scale = len(idx) / cfg.batch_size
-        x, y = batch_tensors(ctx.data, idx, ctx.device)
-        aux = parts.aux(x) if hasattr(parts, "aux") else None
+        x, y, aux, scale = self._batch(c)
         fwd = prof.client_forward_flops * scale
         act_bytes = int(prof.activation_bytes * scale)
 
         yield from sim.compute(c, "client_forward", fwd, r)
         h = client_activation(parts.client, client, x)
         # Arrival events exist up front, so the server side can look at them at any time.
-        h_arrived = env.event()
-        perturbed = [env.event() for _ in range(2 * P)]  # h+_1, h-_1, h+_2, ...
-        scalars = env.event()
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, h_arrived))
-        server_proc = env.process(self.server_side(c, r, k, server, server_buf, h, y, aux, pairs, h_arrived,
-                                                   perturbed, scalars, rec))
+        ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, h_arrived=env.event(),
+                       perturbed=tuple(env.event() for _ in range(2 * P)), scalars=env.event())
+        env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived))
+        server_proc = env.process(self.server_side(ex))
 
         n = self.client_n
         seeds = [zo_seed(ctx.seed, "client", r, c, k, p) for p in range(P)]
         for p, s in enumerate(seeds):
             yield from sim.compute(c, "client_forward_plus", fwd + 2 * n, r, rng_elements=self._rng(n, 1, 1))
             hp = probe_plus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_plus", act_bytes, rec, perturbed[2 * p]))
+            env.process(self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p]))
             yield from sim.compute(c, "client_forward_minus", fwd + 4 * n, r, rng_elements=self._rng(n, 2))
             hm = probe_minus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_minus", act_bytes, rec, perturbed[2 * p + 1]))
-            pairs.append((hp, hm))
+            env.process(self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1]))
+            ex.pairs.append((hp, hm))
 
         # Line 5: wait for the P scalars, then the ZO update.
         probes_done = sim.now
-        deltas = yield scalars
+        deltas = yield ex.scalars
         rec.client_wait_s = float(sim.now - probes_done)
         for d in deltas:
             check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
@@ -419,34 +453,35 @@ class SplitRounds:
         yield server_proc
 
     # ---- the Split Server's side of one ZO local iteration ------------------------------------
-    def server_side(self, c, r, k, server: Params, server_buf: dict, h, y, aux, pairs, h_arrived, perturbed,
-                    scalars, rec: _ClientRound):
+    def server_side(self, ex: _Exchange):
         cfg, sim, prof = self.cfg, self.ctx.sim, self.ctx.profile
-        P = cfg.zo.perturbations
-        scale = len(y) / cfg.batch_size
-        rec.h_arrival_s = float((yield h_arrived))
+        P, rec = cfg.zo.perturbations, ex.rec
+        scale = len(ex.y) / cfg.batch_size
+        rec.h_arrival_s = float((yield ex.h_arrived))
 
         # Line 3: tau local steps on x_s,m, all reusing (h, y); they start as h arrives.
-        yield from self.server_steps(c, r, k, server, server_buf, h, y, aux, rec, perturbed)
+        yield from self.server_steps(ex)
         steps_end = sim.now
 
         # Line 4: with the UPDATED copy, once the perturbed activations are in, the P scalars.
-        arrivals = yield sim.env.all_of(perturbed)
+        arrivals = yield sim.env.all_of(ex.perturbed)
         rec.perturbed_arrival_s = float(max(arrivals.values()))
         rec.server_idle_s = float(max(0.0, sim.now - steps_end))
-        busy, queued = yield from sim.serve("server_loss_diff", 2 * P * prof.server_forward_flops * scale, c, r)
+        busy, queued = yield from sim.serve("server_loss_diff", 2 * P * prof.server_forward_flops * scale,
+                                            ex.client, ex.round)
         rec.server_loss_diff_s += busy
         rec.server_queue_s += queued
-        deltas = loss_differences(self.ctx.parts.server, server, pairs, y, aux)
-        yield from sim.send(c, DOWNLINK, "loss_diff", SCALAR_BYTES * P, r)
+        deltas = loss_differences(self.ctx.parts.server, ex.server, ex.pairs, ex.y, ex.aux)
+        yield from sim.send(ex.client, DOWNLINK, "loss_diff", SCALAR_BYTES * P, ex.round)
         rec.bytes_down += SCALAR_BYTES * P
-        scalars.succeed(deltas)
+        ex.scalars.succeed(deltas)
 
-    def server_steps(self, c, r, k, server: Params, server_buf: dict, h, y, aux, rec: _ClientRound, perturbed):
+    def server_steps(self, ex: _Exchange):
         """Line 3: tau (or adaptive) server steps on (h, y), each one server job."""
         ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
-        P, lam = cfg.zo.perturbations, cfg.zo.lam
-        scale = len(y) / cfg.batch_size
+        P, lam, rec = cfg.zo.perturbations, cfg.zo.lam, ex.rec
+        c, r, k = ex.client, ex.round, ex.step
+        scale = len(ex.y) / cfg.batch_size
         n = self.server_n
         if cfg.server_optimizer == "zo":
             kind, rng_elements = "server_zo_step", self._rng(n, 4 * P, P)
@@ -461,15 +496,16 @@ class SplitRounds:
             rec.server_queue_s += queued
             if cfg.server_optimizer == "zo":
                 seeds = [zo_seed(ctx.seed, "server", r, c, k, steps, p) for p in range(P)]
-                loss = server_zo_step(ctx.parts.server, server, h, y, seeds, lam, cfg.lr_server, cfg.zo.direction, aux)
+                loss = server_zo_step(ctx.parts.server, ex.server, ex.h, ex.y, seeds, lam, cfg.lr_server,
+                                      cfg.zo.direction, ex.aux)
             else:
-                loss = server_fo_step(ctx.parts.server, server, h, y, cfg.lr_server, aux, cfg.momentum,
-                                      cfg.weight_decay, server_buf)
+                loss = server_fo_step(ctx.parts.server, ex.server, ex.h, ex.y, cfg.lr_server, ex.aux, cfg.momentum,
+                                      cfg.weight_decay, ex.server_buf)
             rec.server_loss = loss
             check_finite(loss, "server training loss", round=r, local_step=k, party="server", client=c)
             steps += 1
             if self.tau == "adaptive":
-                if steps >= self.tau_max or all(e.triggered for e in perturbed):
+                if steps >= self.tau_max or all(e.triggered for e in ex.perturbed):
                     break
             elif steps >= self.tau:
                 break
@@ -477,27 +513,26 @@ class SplitRounds:
 
     # ---- the run -------------------------------------------------------------------------------
     def process(self):
-        ctx, sim, cfg = self.ctx, self.ctx.sim, self.cfg
+        ctx, sim, cfg, st = self.ctx, self.ctx.sim, self.cfg, self.state
         while not sim.stopping:
-            r = self.round
+            r = st.round
             clients = select_clients(ctx.seed, r, ctx.num_clients, cfg.participation)
             results: dict = {}
-            procs = [sim.env.process(self.client_round(c, r, results)) for c in clients]
-            yield sim.env.all_of(procs)
+            yield from run_round(sim, [self.client_round(c, r, results) for c in clients])
             # Line 6: x = x + lr_global * mean_m(x_m - x), Fed Server and Split Server in parallel.
             weights = aggregation_weights(cfg.aggregation, clients, ctx.partitions)
             m = len(clients)
-            jobs = [sim.env.process(sim.fed("aggregate_client", aggregation_flops(self.client_n, m), r))]
+            jobs = [sim.fed("aggregate_client", aggregation_flops(self.client_n, m), r)]
             if not self.shared_server:
-                jobs.append(sim.env.process(sim.serve("aggregate_server", aggregation_flops(self.server_n, m), None, r)))
-            yield sim.env.all_of(jobs)
-            self.client_global = aggregate(self.client_global, [results[c][0] for c in clients], weights, cfg.lr_global)
-            check_params(self.client_global, "client model", round=r, party="fed server")
+                jobs.append(sim.serve("aggregate_server", aggregation_flops(self.server_n, m), None, r))
+            yield from run_round(sim, jobs)
+            st.client_global = aggregate(st.client_global, [results[c][0] for c in clients], weights, cfg.lr_global)
+            check_params(st.client_global, "client model", round=r, party="fed server")
             if not self.shared_server:
-                self.server_global = aggregate(self.server_global, [results[c][1] for c in clients], weights,
-                                               cfg.lr_global)
-            check_params(self.server_global, "server model", round=r, party="split server")
-            self.round += 1
+                st.server_global = aggregate(st.server_global, [results[c][1] for c in clients], weights,
+                                             cfg.lr_global)
+            check_params(st.server_global, "server model", round=r, party="split server")
+            st.round += 1
             sim.end_round(r)
 
     def summary_extra(self) -> dict:
@@ -505,7 +540,7 @@ class SplitRounds:
         splitfed_zo and for SplitFed with ZO clients: the same exchange)."""
         if not self.table:
             return {}
-        done = [r for r in self.records if r.end_s == r.end_s]  # finished local iterations (end_s is not NaN)
+        done = [r for r in self.state.records if r.end_s == r.end_s]  # finished local iterations (end_s is not NaN)
         n = len(done)
         taus = [r.tau_used for r in done]
         return {

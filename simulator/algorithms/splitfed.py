@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 
-from simulator.algorithms.common import Params, RoundConfig, RunContext, forward, leaf, refuse, sgd_step
+from simulator.algorithms.common import Params, RoundConfig, RunContext, leaf, refuse, server_logits, sgd_step
 
 
 class SplitFedConfig(RoundConfig):
@@ -66,7 +66,7 @@ def server_step(module, params: Params, h: torch.Tensor, y: torch.Tensor, cfg, b
     """One first-order server step on (h, y): updates ``params`` in place, returns (dL/dh, loss)."""
     h = h.detach().requires_grad_(True)
     p = leaf(params)
-    logits = forward(module, p, h) if aux is None else forward(module, p, h, aux)
+    logits = server_logits(module, p, h, aux)
     loss = F.cross_entropy(logits, y)
     grads = torch.autograd.grad(loss, [h, *p.values()])
     sgd_step(params, dict(zip(p, grads[1:])), cfg.lr_server, cfg.momentum, cfg.weight_decay, buffers)
