@@ -9,9 +9,7 @@ simulation and never changes the runs it reads.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from analysis.traces import (
     load_summaries,
     varying_columns,
 )
+from simulator import rundir
 
 MAX_TIMELINES = 6
 MAX_TIMELINE_CLIENTS = 40
@@ -185,8 +184,8 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     runs = load_runs(src)
     summaries = load_summaries(src)
     diverged = load_diverged(src)  # results, but in no mean: counted per row and listed
-    batch = _read_json(src / "batch.json") or {}
-    statuses = _read_runs_csv(src / "runs.csv")
+    batch = rundir.read_json(src / rundir.BATCH_META) or {}
+    statuses = rundir.read_runs_csv(src / rundir.RUNS_CSV)
     first_dirs = list(dict.fromkeys(runs["run_dir"]))
     scen = [load_scenario(d) for d in first_dirs]
     scen_targets = [((s.get("stop") or {}).get("target_accuracy")) for s in scen]
@@ -323,10 +322,10 @@ def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, 
     n_div = 0 if diverged is None else len(diverged)
     items.append(f"Runs in this report: {n_loaded}" + (f" completed, and {n_div} diverged (left out of means)"
                                                         if n_div else "") + (
-        " (" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + " in runs.csv)" if counts else ""))
+        " (" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" in {rundir.RUNS_CSV})" if counts else ""))
     if extra:
-        items.append(f"{len(extra)} other finished run folder(s) in runs/ are not in batch.json (left over from an "
-                     f"earlier command) and are left out, e.g. `{extra[0]}`")
+        items.append(f"{len(extra)} other finished run folder(s) in {rundir.RUNS}/ are not in {rundir.BATCH_META} "
+                     f"(left over from an earlier command) and are left out, e.g. `{extra[0]}`")
     doc.ul(items)
     if n_div:
         doc.p("Runs that diverged (a loss or parameter became NaN or inf; the run stopped there): results, "
@@ -425,17 +424,3 @@ def _timelines(doc: _Doc, runs: pd.DataFrame, by: list[str], fig_dir: Path) -> N
     doc.img(fig_dir / "server_utilisation.png", "figures/server_utilisation.png",
             "Split Server utilisation over simulated time (share of its capacity busy, in bins of 1% of the "
             "longest run).")
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_runs_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))

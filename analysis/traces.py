@@ -28,6 +28,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from simulator import rundir
 from simulator.errors import UserError
 
 METRIC_COLUMNS = ("sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down")
@@ -41,16 +42,9 @@ SUMMARY_FIELDS = ("status", "stop_reason", "final_accuracy", "best_accuracy", "s
 # --------------------------------------------------------------------------------------------
 # Finding and loading runs
 # --------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def is_run_dir(path: Path) -> bool:
     """A folder with the outputs of one run (metrics.csv)."""
-    return (Path(path) / "metrics.csv").is_file()
+    return (Path(path) / rundir.METRICS).is_file()
 
 
 def find_runs(paths: str | Path | Iterable[str | Path], *, complete_only: bool = True,
@@ -69,27 +63,27 @@ def find_runs(paths: str | Path | Iterable[str | Path], *, complete_only: bool =
         if is_run_dir(p):
             found.append(p)
             continue
-        runs = p / "runs"
+        runs = p / rundir.RUNS
         if not runs.is_dir():
-            raise UserError(f"{p}: neither a run folder (metrics.csv) nor a batch folder (runs/)")
-        batch = _read_json(p / "batch.json")
+            raise UserError(f"{p}: neither a run folder ({rundir.METRICS}) nor a batch folder ({rundir.RUNS}/)")
+        batch = rundir.read_json(p / rundir.BATCH_META)
         order = [r.get("run_id") for r in (batch or {}).get("runs", [])]
         dirs = {d.name: d for d in runs.iterdir() if d.is_dir() and is_run_dir(d)
-                and not d.name.endswith((".partial", ".failed"))}
+                and not d.name.endswith((rundir.PARTIAL, rundir.FAILED))}
         names = [n for n in order if n in dirs]
         if not (listed_only and batch is not None):
             names += sorted(n for n in dirs if n not in order)
         found.extend(dirs[n] for n in names)
     if complete_only:
-        found = [d for d in found if (_read_json(d / "summary.json") or {}).get("status") == "completed"]
+        found = [d for d in found if (rundir.read_json(d / rundir.SUMMARY) or {}).get("status") == "completed"]
     return found
 
 
 def run_labels(run_dir: str | Path) -> dict:
     """Labels of one run: scenario, algorithm, variant, seed, run_id, run_dir, and grid keys."""
     d = Path(run_dir)
-    meta = _read_json(d / "run.json") or {}
-    summary = _read_json(d / "summary.json") or {}
+    meta = rundir.read_json(d / rundir.RUN_META) or {}
+    summary = rundir.read_json(d / rundir.SUMMARY) or {}
     labels = {
         "scenario": summary.get("scenario", ""),
         "algorithm": meta.get("algorithm", summary.get("algorithm", "")),
@@ -133,12 +127,12 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if not dirs:
         diverged = len(load_diverged(paths))
         raise UserError(f"no finished runs under {paths}"
-                        + (f" ({diverged} diverged: see their summary.json)" if diverged else ""))
+                        + (f" ({diverged} diverged: see their {rundir.SUMMARY})" if diverged else ""))
     labels = [run_labels(d) for d in dirs]
     params = _param_order(labels)
     frames = []
     for d, lab in zip(dirs, labels):
-        m = pd.read_csv(d / "metrics.csv")
+        m = pd.read_csv(d / rundir.METRICS)
         frames.append(_with_labels(m, lab))
     df = pd.concat(frames, ignore_index=True)
     df = df[[*LABEL_COLUMNS, *params, *[c for c in df.columns if c not in LABEL_COLUMNS and c not in params]]]
@@ -153,7 +147,7 @@ def load_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     params = _param_order(labels)
     rows = []
     for d, lab in zip(dirs, labels):
-        s = _read_json(d / "summary.json") or {}
+        s = rundir.read_json(d / rundir.SUMMARY) or {}
         row = {k: v for k, v in lab.items() if k != "params"}
         row.update({k: _cell(lab["params"].get(k)) for k in params})
         row.update({k: s.get(k) for k in SUMMARY_FIELDS})
@@ -172,13 +166,13 @@ def load_diverged(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     ``diverged_local_step``, ``diverged_party``, ``diverged_client``). These runs are results
     but are left out of ``load_runs`` and so out of every mean; empty frame when there are none."""
     dirs = [d for d in find_runs(paths, complete_only=False)
-            if (_read_json(d / "summary.json") or {}).get("status") == "diverged"]
+            if (rundir.read_json(d / rundir.SUMMARY) or {}).get("status") == "diverged"]
     labels = [run_labels(d) for d in dirs]
     params = _param_order(labels)
     cols = [*LABEL_COLUMNS, *params, "rounds", "sim_time_s", *(f"diverged_{k}" for k in DIVERGED_FIELDS)]
     rows = []
     for d, lab in zip(dirs, labels):
-        s = _read_json(d / "summary.json") or {}
+        s = rundir.read_json(d / rundir.SUMMARY) or {}
         info = s.get("diverged") or {}
         row = {k: v for k, v in lab.items() if k != "params"}
         row.update({k: _cell(lab["params"].get(k)) for k in params})
@@ -192,9 +186,9 @@ def load_diverged(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 def load_events(run_dir: str | Path) -> pd.DataFrame:
     """The spans of one run (events.csv): client, party, kind, round, seq, start_s, end_s, wait_s, ..."""
-    path = Path(run_dir) / "events.csv"
+    path = Path(run_dir) / rundir.EVENTS
     if not path.is_file():
-        raise UserError(f"{run_dir}: no events.csv")
+        raise UserError(f"{run_dir}: no {rundir.EVENTS}")
     return pd.read_csv(path)
 
 
@@ -202,7 +196,7 @@ def load_scenario(run_dir: str | Path) -> dict:
     """The resolved scenario a run was made from (scenario.yaml), as a mapping."""
     import yaml
 
-    path = Path(run_dir) / "scenario.yaml"
+    path = Path(run_dir) / rundir.SCENARIO
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 

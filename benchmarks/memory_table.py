@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from simulator.memory import StepSetting, account, measure_rss, memory_table  # noqa: E402
+from simulator.measure.memory import StepSetting, account, measure_rss, memory_table  # noqa: E402
 
 PAPER_GB = {"fedavg": 8.02, "fedlora": 5.64, "mu_splitfed": 1.05}
 CUTS = (2, 4, 8, 12, 16)

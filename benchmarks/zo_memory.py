@@ -1,12 +1,16 @@
 """Memory, drift and cost of the in-place ZO steps of simulator.zo (the MeZO trick), measured.
 
-For each model part it runs, under a TorchDispatchMode that counts the bytes of tensor
-storages created during the step and still alive (parameters and inputs excluded):
+For each model part it runs the algorithms' own step functions under
+``simulator.measure.memory.StorageTracker``, which counts the bytes of tensor storages
+created during the step and still alive (parameters and inputs excluded):
 
-- ``zo client step``: h, then per perturbation h+ and h- (in place: +lam u, -2 lam u, +lam u)
-  and the ZO update, exactly as MU-SplitFed's client does it (``gaussian`` and ``sphere``);
-- ``zo server step``: one ZO-SGD step on the server part (two forwards and the update);
-- ``fo step``: forward, backward and the gradients of the same part, for comparison.
+- ``zo client step``: MU-SplitFed's ``client_activation`` (h), then per perturbation
+  ``probe_plus`` (h+) and ``probe_minus`` (h-, in place: +lam u, -2 lam u, +lam u) and
+  ``client_zo_update`` (``gaussian`` and ``sphere``);
+- ``zo server step``: MU-SplitFed's ``server_zo_step`` (two forwards per direction and the update);
+- ``fo client step``: SplitFed's client: forward, then ``client_backward_step`` (backward of a
+  dL/dh, SGD step), for comparison;
+- ``fo server step``: SplitFed's ``server_step`` (forward, backward, dL/dh, SGD step).
 
 It also measures what a probe leaves behind (``zo.restore_drift``: the fraction of
 elements not restored bit for bit and the largest change against the rounding bound) and the
@@ -24,9 +28,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,10 +38,12 @@ from models.split import split  # noqa: E402
 from models.zoo import build_model  # noqa: E402
 from simulator import rng, zo  # noqa: E402
 from simulator.algorithms import mu_splitfed as mu  # noqa: E402
-from simulator.algorithms.common import forward, params_of  # noqa: E402
-from simulator.memory import NewStorageTracker  # noqa: E402
+from simulator.algorithms import splitfed  # noqa: E402
+from simulator.algorithms.common import forward, leaf, params_of  # noqa: E402
+from simulator.measure.memory import StorageTracker  # noqa: E402
 
-
+# Step sizes of the first-order steps (plain SGD: the values do not change memory).
+FO_CFG = SimpleNamespace(lr_client=1e-4, lr_server=1e-4, momentum=0.0, weight_decay=0.0)
 
 
 def _mib(n: float) -> str:
@@ -55,7 +61,7 @@ def measure(cut: int, batch: int, P: int) -> list[tuple]:
 
     for direction in ("gaussian", "sphere"):
         seeds = [zo.zo_seed(0, "bench", direction, p) for p in range(P)]
-        meter = NewStorageTracker(list(client.values()) + [x])
+        meter = StorageTracker(list(client.values()) + [x])
         with meter:
             hh = mu.client_activation(parts.client, client, x)
             pairs = [(mu.probe_plus(parts.client, client, x, s, 0.005, direction),
@@ -64,20 +70,24 @@ def measure(cut: int, batch: int, P: int) -> list[tuple]:
         del hh, pairs
         rows.append((f"zo client step ({direction}, P={P})", client, meter))
 
-        meter = NewStorageTracker(list(server.values()) + [h, y])
+        meter = StorageTracker(list(server.values()) + [h, y])
         with meter:
             mu.server_zo_step(parts.server, server, h, y, seeds, 0.005, 1e-4, direction)
         rows.append((f"zo server step ({direction}, P={P})", server, meter))
 
-    for name, part, inp, params in (("client", parts.client, x, client), ("server", parts.server, h, server)):
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        meter = NewStorageTracker(list(params.values()) + [inp, y])
-        with meter:
-            out = forward(part, leaves, inp)
-            loss = F.cross_entropy(out, y) if name == "server" else out.square().mean()
-            grads = torch.autograd.grad(loss, list(leaves.values()))
-        del grads
-        rows.append((f"fo {name} step (forward+backward)", params, meter))
+    meter = StorageTracker(list(client.values()) + [x])
+    with meter:
+        p = leaf(client)
+        hc = forward(parts.client, p, x)
+        splitfed.client_backward_step(client, p, hc, torch.full_like(hc, 1e-3), FO_CFG, {})
+    del p, hc
+    rows.append(("fo client step (forward, backward of dL/dh, SGD)", client, meter))
+
+    meter = StorageTracker(list(server.values()) + [h, y])
+    with meter:
+        dh, _ = splitfed.server_step(parts.server, server, h, y, FO_CFG, {})
+    del dh
+    rows.append(("fo server step (forward, backward, SGD; returns dL/dh)", server, meter))
     return rows
 
 

@@ -1,6 +1,11 @@
-"""Split networks (named blocks), cutting them, and measuring the cost of a cut."""
-from models.profile import CutProfile, profile_cut
-from models.split import SplitModel, split
-from models.zoo import MODELS, build_model
+"""Split networks (named blocks), cutting them, and measuring the cost of a cut.
 
-__all__ = ["MODELS", "CutProfile", "SplitModel", "build_model", "profile_cut", "split"]
+``MODELS`` (models/registry.py) lists every model a scenario can name.
+"""
+from models.profile import CutProfile, profile_cut, profile_text_cut
+from models.registry import MODELS, ModelSpec
+from models.split import SplitModel, split
+from models.zoo import build_model
+
+__all__ = ["MODELS", "CutProfile", "ModelSpec", "SplitModel", "build_model", "profile_cut",
+           "profile_text_cut", "split"]

@@ -13,6 +13,7 @@ For the networks here those are a small share; the numbers are a lower bound on 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.split import SplitModel
+from models.text import ServerWithMask, TextSplitModel
 
 
 @dataclass(frozen=True)
@@ -177,3 +179,19 @@ def profile_cut(
         client_trainable_params=client_train,
         server_trainable_params=server_train,
     )
+
+
+def profile_text_cut(parts: TextSplitModel, seq_len: int, batch_size: int) -> CutProfile:
+    """``profile_cut`` for a text split model: ids in, (h, mask) to the server.
+
+    ``profile_cut`` calls the server on h only, so the server is wrapped with a ``[B, L]``
+    attention mask held as a buffer (shadowed onto ``meta`` like every buffer): the FLOPs are
+    those of the real passes, counted by FlopCounterMode on meta (attention included; they
+    depend on shapes only, so the mask's values do not matter). The mask travels uplink with
+    the labels, so ``label_bytes`` of the returned profile is labels + mask (int64, as
+    ``parts.aux`` makes it): what ``sim.send`` prices for the side information.
+    """
+    mask = torch.ones((batch_size, seq_len), dtype=torch.int64, device="meta")
+    wrapped = SplitModel(client=parts.client, server=ServerWithMask(parts.server, mask), cut=parts.cut)
+    prof = profile_cut(wrapped, (seq_len,), batch_size, input_dtype=torch.long)
+    return dataclasses.replace(prof, label_bytes=prof.label_bytes + int(mask.nbytes))

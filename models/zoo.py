@@ -1,31 +1,26 @@
 """Vision split networks: each model is an ``nn.Sequential`` of named blocks plus its cut table.
 
 A model here never knows where it will be cut and never has a mode-dependent ``forward``:
-``models.split.split`` cuts it between blocks. Every built model carries ``cuts``, a dict from
-the user-facing cut number (the papers' L1..L4 -> 1..4) to the number of leading blocks that go
-to the client. Initialisation randomness comes only from ``simulator.rng.seeded_torch``.
+``models.split.split`` cuts it between blocks. ``IMAGE_MODELS`` holds one entry per network:
+its builder, its cut table (the user-facing cut number, the papers' L1..L4 -> 1..4, to the
+number of leading blocks that go to the client) and one line for ``sflsim list``. Every model
+``build_model`` returns carries that table as ``cuts``. Adding an image model is a builder
+function and one entry. Initialisation randomness comes only from ``simulator.rng.seeded_torch``.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
 from simulator import rng
+from simulator.errors import ScenarioError
 
 ModelBuilder = Callable[[int, int, tuple[int, int]], nn.Sequential]
-
-
-#: Cut number (the papers' L1..L4) -> leading blocks on the client, per model. Read by the
-#: builders and by scenario validation (which checks ``model.cut`` without building a model).
-CUTS: dict[str, dict[int, int]] = {
-    "alexnet": {1: 1, 2: 2, 3: 3, 4: 5},  # 4: all convs on the client, server = flatten + linears
-    "small_cnn": {1: 1, 2: 2},
-    "mlp": {1: 2, 2: 3},  # block 0 is flatten
-}
 
 
 def _feature_numel(
@@ -92,9 +87,7 @@ def alexnet(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn
     blocks["fc1"] = nn.Sequential(nn.Linear(flat, 1024))
     blocks["fc2"] = nn.Sequential(nn.Linear(1024, 512))
     blocks["fc3"] = nn.Sequential(nn.Linear(512, num_classes))
-    model = nn.Sequential(blocks)
-    model.cuts = dict(CUTS["alexnet"])
-    return model
+    return nn.Sequential(blocks)
 
 
 def _small_cnn_features(in_channels: int) -> OrderedDict[str, nn.Module]:
@@ -126,9 +119,7 @@ def small_cnn(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> 
     blocks["flatten"] = nn.Sequential(nn.Flatten())
     blocks["fc1"] = nn.Sequential(nn.Linear(flat, 64), nn.ReLU())
     blocks["fc2"] = nn.Sequential(nn.Linear(64, num_classes))
-    model = nn.Sequential(blocks)
-    model.cuts = dict(CUTS["small_cnn"])
-    return model
+    return nn.Sequential(blocks)
 
 
 def mlp(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn.Sequential:
@@ -143,16 +134,42 @@ def mlp(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn.Seq
         fc2=nn.Sequential(nn.Linear(128, 64), nn.ReLU()),
         fc3=nn.Sequential(nn.Linear(64, num_classes)),
     )
-    model = nn.Sequential(blocks)
-    model.cuts = dict(CUTS["mlp"])
-    return model
+    return nn.Sequential(blocks)
 
 
-MODELS: dict[str, ModelBuilder] = {
-    "alexnet": alexnet,
-    "small_cnn": small_cnn,
-    "mlp": mlp,
-}
+@dataclass(frozen=True, kw_only=True)
+class ImageModel:
+    """An image split network: its builder, where it may be cut, one line for ``sflsim list``."""
+
+    kind: ClassVar[str] = "image"
+    name: str
+    build: ModelBuilder  # (in_channels, num_classes, (H, W)) -> nn.Sequential of named blocks
+    cuts: Mapping[int, int]  # cut number (the papers' L1..L4) -> leading blocks on the client
+    summary: str
+
+    def check(self, cut: int, config: Optional[Mapping[str, Any]], local_path: Optional[str]) -> None:
+        """A scenario's model section, before anything is built (ScenarioError naming the key)."""
+        for key, value in (("config", config), ("local_path", local_path)):
+            if value is not None:
+                raise ScenarioError(f"model.{key}", f"only text models take {key}; {self.name} does not")
+        if cut not in self.cuts:
+            raise ScenarioError("model.cut", f"{self.name} has cuts {', '.join(map(str, sorted(self.cuts)))}, "
+                                             f"got {cut}")
+
+    def cut_range(self) -> str:
+        """The valid cuts, for ``sflsim list``."""
+        return ", ".join(map(str, sorted(self.cuts)))
+
+
+IMAGE_MODELS: dict[str, ImageModel] = {m.name: m for m in (
+    ImageModel(name="alexnet", build=alexnet,
+               cuts={1: 1, 2: 2, 3: 3, 4: 5},  # 4: all convs on the client, server = flatten + linears
+               summary="the AlexNet-style split network of GAS and MU-SplitFed (inputs of 12x12 or more)"),
+    ImageModel(name="small_cnn", build=small_cnn, cuts={1: 1, 2: 2},
+               summary="a fast two-conv network for quick runs (inputs of 4x4 or more)"),
+    ImageModel(name="mlp", build=mlp, cuts={1: 2, 2: 3},  # block 0 is flatten
+               summary="a tiny multilayer perceptron, for unit tests"),
+)}
 
 
 def build_model(
@@ -166,10 +183,10 @@ def build_model(
     """Build registry model ``name`` with torch's default init under the keyed seed (init, name).
 
     Raises ValueError for an unknown name, non-positive sizes, or an input too small for the
-    network. The result has a ``cuts`` attribute (see the module docstring).
+    network. The result has a ``cuts`` attribute, a copy of the entry's cut table.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    if name not in IMAGE_MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(IMAGE_MODELS))}")
     if in_channels < 1 or num_classes < 1:
         raise ValueError(
             f"{name}: in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}"
@@ -177,9 +194,10 @@ def build_model(
     hw = tuple(int(v) for v in input_hw)
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"{name}: input_hw must be two positive ints, got {input_hw!r}")
+    entry = IMAGE_MODELS[name]
     with rng.seeded_torch(seed, "init", name):
-        model = MODELS[name](in_channels, num_classes, hw)  # type: ignore[arg-type]
-    cuts = getattr(model, "cuts", None)
-    if not isinstance(model, nn.Sequential) or not isinstance(cuts, dict) or not cuts:
-        raise TypeError(f"model builder {name!r} must return an nn.Sequential with a `cuts` dict")
+        model = entry.build(in_channels, num_classes, hw)  # type: ignore[arg-type]
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model builder {name!r} must return an nn.Sequential of named blocks")
+    model.cuts = dict(entry.cuts)
     return model

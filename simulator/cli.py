@@ -17,7 +17,7 @@ from pathlib import Path
 
 from typing import Optional
 
-from simulator import batch
+from simulator import experiments, rundir
 from simulator.errors import UserError
 
 EPILOG = """examples:
@@ -198,7 +198,7 @@ def cmd_memory(args) -> int:
     import math
 
     from models.text import OPT_PRESETS, TEXT_MODELS, num_layers
-    from simulator.memory import METHODS, memory_table
+    from simulator.measure.memory import METHODS, memory_table
 
     if args.model not in TEXT_MODELS + tuple(OPT_PRESETS):
         raise UserError(f"--model: unknown model {args.model!r}; choose one of "
@@ -264,19 +264,25 @@ def cmd_memory(args) -> int:
 
 
 def cmd_list(args) -> int:
+    """The registries: algorithms, datasets (and their kind), models (kind and valid cuts)."""
+    from models.registry import MODELS
     from simulator.algorithms import ALGORITHMS
-    from simulator.scenario import DATASET_NAMES, MODEL_NAMES
+    from simulator.data import DATASETS
 
     print("algorithms:")
     for name, spec in ALGORITHMS.items():
         print(f"  {name:14s} {spec.summary}")
-    print("datasets:  " + ", ".join(DATASET_NAMES))
-    print("models:    " + ", ".join(MODEL_NAMES))
+    print("datasets (kind):")
+    for name, data in DATASETS.items():
+        print(f"  {name:14s} {data.kind:6s} {data.summary}")
+    print("models (kind, cuts):")
+    for name, model in MODELS.items():
+        print(f"  {name:14s} {model.kind:6s} {model.cut_range():11s} {model.summary}")
     return 0
 
 
 # --------------------------------------------------------------------------------------------
-# compare, sweep, report (the batch layer is simulator/batch.py)
+# compare, sweep, report (the batch layer is simulator/experiments/, its folders simulator/rundir.py)
 # --------------------------------------------------------------------------------------------
 def _add_batch_args(p) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/<file name>-<command>)")
@@ -364,55 +370,56 @@ def _parse_targets(text: Optional[str]) -> Optional[list[float]]:
 
 
 def cmd_compare(args) -> int:
-    plan = batch.plan_compare(args.scenario,
-                        algorithms=args.algorithms.split(",") if args.algorithms else None,
-                        seeds=args.seeds, overrides=args.overrides)
+    plan = experiments.plan_compare(args.scenario,
+                                    algorithms=args.algorithms.split(",") if args.algorithms else None,
+                                    seeds=args.seeds, overrides=args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.scenario).stem}-compare"
     return _run_cli(plan, out, args)
 
 
 def cmd_sweep(args) -> int:
-    plan = batch.plan_sweep(args.grid, overrides=args.overrides, seeds=args.seeds)
+    plan = experiments.plan_sweep(args.grid, overrides=args.overrides, seeds=args.seeds)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.grid).stem}-sweep"
     return _run_cli(plan, out, args)
 
 
-def _run_cli(plan: "batch.Plan", out: Path, args) -> int:
+def _run_cli(plan: experiments.Plan, out: Path, args) -> int:
     dropped: dict[str, set[str]] = {}
     for s in plan.specs:
         dropped.setdefault(s.algorithm, set()).update(s.dropped_keys)
     for alg, keys in dropped.items():
         if keys:
             print(f"note: {alg} does not take {', '.join(sorted(keys))} from the base scenario; not carried over "
-                  "(dropped_keys in run.json)", file=sys.stderr)
+                  f"(dropped_keys in {rundir.RUN_META})", file=sys.stderr)
     if args.dry_run:
-        runs_dir = out / batch.RUNS
+        runs_dir = out / rundir.RUNS
         for s in plan.specs:
-            state = batch.run_state(runs_dir, s)
+            state = rundir.run_state(runs_dir, s.run_id, s.fingerprint)
             what = {"complete": "skip (complete)", "changed": "re-run needs --overwrite (inputs changed)",
                     "missing": "run"}[state]
             print(f"{s.run_id}: {what}")
         print(f"{len(plan.specs)} runs planned in {out}/")
         return 0
     try:
-        result = batch.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
-                           progress=not args.no_progress, overwrite=args.overwrite, command=sys.argv[:])
+        result = experiments.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler,
+                                       threads=args.threads, progress=not args.no_progress,
+                                       overwrite=args.overwrite, command=sys.argv[:])
     except KeyboardInterrupt:
-        print(f"sflsim: interrupted; finished runs are kept in {out}/runs/, run the same command again to "
+        print(f"sflsim: interrupted; finished runs are kept in {out}/{rundir.RUNS}/, run the same command again to "
               "resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     n = len(result.outcomes)
     diverged = result.diverged
     print(f"{plan.kind}: {n} runs in {out}/ ({result.count('completed')} ran now, {result.count('reused')} "
           f"already complete, " + (f"{len(diverged)} diverged, " if diverged else "")
-          + f"{len(result.failed)} failed); statuses in {out / batch.RUNS_CSV}")
+          + f"{len(result.failed)} failed); statuses in {out / rundir.RUNS_CSV}")
     for o in diverged:
         print(f"  {o['run_id']}: {o['error']} (outputs: {o['path']}/)", file=sys.stderr)
     if diverged:
         print(f"note: {len(diverged)} of {n} runs diverged: a result, not a failure (status diverged in "
-              f"{batch.RUNS_CSV}; the report leaves them out of means)", file=sys.stderr)
+              f"{rundir.RUNS_CSV}; the report leaves them out of means)", file=sys.stderr)
     for o in result.failed:
-        print(f"  failed: {o['run_id']}: {o['error']} (traceback: {o['path']}/traceback.txt)", file=sys.stderr)
+        print(f"  failed: {o['run_id']}: {o['error']} (traceback: {o['path']}/{rundir.TRACEBACK})", file=sys.stderr)
     if args.report:
         from analysis.report import write_report
 

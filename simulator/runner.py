@@ -13,7 +13,6 @@ model is not evaluated again.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import platform
@@ -25,12 +24,15 @@ from typing import Any, Optional
 
 import torch
 
+# Text-model knowledge lives in models/ (models.text.check_fit, ServerWithMask; profile_text_cut).
+from models.profile import profile_text_cut
+from simulator import rundir
 from simulator.algorithms import ALGORITHMS
 from simulator.algorithms.common import RunContext
 from simulator.engine import Simulation
 from simulator.errors import Diverged, ScenarioError
 from simulator.latency import build_time_model
-from simulator.scenario import TEXT_DATASET_NAMES, Scenario, to_yaml
+from simulator.scenario import Scenario, to_yaml
 from simulator.trace import Recorder
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,10 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> 
     from models.profile import profile_cut
     from models.split import split
     from models.zoo import build_model
-    from simulator.data import load_dataset
+    from simulator.data import DATASETS, load_dataset
 
     d = scenario.data
-    if d.dataset in TEXT_DATASET_NAMES:
+    if DATASETS[d.dataset].kind == "text":
         return build_text_context(scenario, sim, device)
     data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
     parts_idx = _partition(scenario, data.y_train.numpy())
@@ -96,12 +98,10 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
     """Tokenised text data, partitions, a split transformer and its measured cut profile.
 
     The tokenizer is the model's own (local files only); the model is built with the number
-    of classes of the data. Mismatches between model and data that would only surface as an
-    index error deep inside a forward pass (ids beyond the vocabulary, sequences longer than
-    the position table, a different pad id) become ``ScenarioError`` naming the key to change.
+    of classes of the data, then checked against it (``models.text.check_fit``).
     """
-    from models.text import build_text_model, tokenizer_for
-    from simulator.text_data import load_text_dataset
+    from models.text import build_text_model, check_fit, tokenizer_for
+    from simulator.data import load_text_dataset
 
     d, m = scenario.data, scenario.model
     tokenizer = tokenizer_for(m.name, m.local_path)
@@ -113,7 +113,7 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
                                  config=m.config, local_path=m.local_path)
     except ValueError as e:
         raise ScenarioError("model.cut" if "invalid cut" in str(e) else "model.config", str(e)) from None
-    _check_text_fit(parts, data, d.max_len)
+    check_fit(parts, data, d.max_len)
     batch = getattr(scenario.algorithm, "batch_size", 32)
     return _context(scenario, sim, device, data, parts, parts_idx, profile_text_cut(parts, d.max_len, batch))
 
@@ -137,59 +137,6 @@ def _context(scenario, sim, device, data, parts, parts_idx, profile) -> RunConte
     if device.type != "cpu":
         data = _to_device(data, device)
     return RunContext(scenario, scenario.algorithm, data, parts, profile, parts_idx, sim, device, scenario.seed)
-
-
-def _check_text_fit(parts, data, max_len: int) -> None:
-    """Vocabulary, positions and pad id of the model must fit the tokenised data."""
-    emb = parts.client.embedding
-    tokens = getattr(emb, "embed_tokens", None)
-    if tokens is None:  # BERT
-        tokens, positions = emb.embeddings.word_embeddings, emb.embeddings.position_embeddings.num_embeddings
-    else:  # OPT: learned positions shifted by an offset
-        positions = emb.embed_positions.num_embeddings - emb.offset
-    top = int(max(data.x_train.max(), data.x_test.max())) if data.x_train.numel() else 0
-    if top >= tokens.num_embeddings:
-        raise ScenarioError("model.config", f"the model's vocab_size is {tokens.num_embeddings} but the tokenizer "
-                                            f"produced id {top}; remove vocab_size (or make it > {top})")
-    if max_len > positions:
-        raise ScenarioError("data.max_len", f"{max_len} tokens do not fit the model's {positions} positions")
-    if parts.pad_token_id != data.pad_token_id:
-        raise ScenarioError("model.config", f"the model's pad_token_id is {parts.pad_token_id} but the tokenizer "
-                                            f"pads with {data.pad_token_id}; remove pad_token_id (or set it to "
-                                            f"{data.pad_token_id})")
-
-
-class _ServerWithMask(torch.nn.Module):
-    """The text server with a fixed attention mask, so ``profile_cut`` can call it on h alone."""
-
-    def __init__(self, server: torch.nn.Module, mask: torch.Tensor):
-        super().__init__()
-        self.server = server
-        self.register_buffer("mask", mask, persistent=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.server(h, self.mask)
-
-
-def profile_text_cut(parts, seq_len: int, batch_size: int):
-    """``models.profile.profile_cut`` for a text split model: ids in, (h, mask) to the server.
-
-    ``profile_cut`` calls the server on h only, so the server is wrapped with a ``[B, L]``
-    attention mask held as a buffer (shadowed onto ``meta`` like every buffer): the FLOPs are
-    those of the real passes, counted by FlopCounterMode on meta (attention included; they
-    depend on shapes only, so the mask's values do not matter). The mask travels uplink with
-    the labels, so ``label_bytes`` of the returned profile is labels + mask (int64, as
-    ``parts.aux`` makes it): what ``sim.send`` prices for the side information.
-    """
-    import dataclasses
-
-    from models.profile import profile_cut
-    from models.split import SplitModel
-
-    mask = torch.ones((batch_size, seq_len), dtype=torch.int64, device="meta")
-    wrapped = SplitModel(client=parts.client, server=_ServerWithMask(parts.server, mask), cut=parts.cut)
-    prof = profile_cut(wrapped, (seq_len,), batch_size, input_dtype=torch.long)
-    return dataclasses.replace(prof, label_bytes=prof.label_bytes + int(mask.nbytes))
 
 
 def _to_device(data, device):
@@ -266,8 +213,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scenario.yaml").write_text(to_yaml(scenario))
-        for stale in ("summary.json", "accuracy_vs_time.png"):
+        (out / rundir.SCENARIO).write_text(to_yaml(scenario))
+        for stale in (rundir.SUMMARY, rundir.FIGURE):
             (out / stale).unlink(missing_ok=True)
     spec = ALGORITHMS[scenario.algorithm.name]
     recorder = Recorder(out)
@@ -317,7 +264,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
             summary["stop_reason"] = "diverged"
             summary["diverged"] = _jsonable(diverged.info())
         if out is not None and ctx is not None:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+            rundir.write_json_atomic(out / rundir.SUMMARY, summary)
             if recorder.metrics:
                 _plot(out, recorder, scenario)
     return RunResult(summary, recorder, out, algo, diverged)
@@ -364,7 +311,7 @@ def _plot(out: Path, recorder: Recorder, scenario: Scenario) -> None:
     if scenario.stop.target_accuracy:
         ax.axhline(100 * scenario.stop.target_accuracy, color="0.5", ls=":", lw=1, label="target")
     ax.legend(loc="lower right")
-    fig.savefig(out / "accuracy_vs_time.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / rundir.FIGURE, dpi=120, bbox_inches="tight")
 
 
 def _versions() -> dict:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from models.registry import MODELS
 from simulator.algorithms import ALGORITHMS
 from simulator.config import (
     Fraction,
@@ -28,6 +29,7 @@ from simulator.config import (
     Strict,
     Value,
 )
+from simulator.data import DATASETS
 from simulator.errors import ScenarioError
 
 #: Measured by ``benchmarks/zo_cost.py`` (docs/benchmarks.md): one N(0,1) float32 drawn with
@@ -35,12 +37,12 @@ from simulator.errors import ScenarioError
 #: many FLOPs of the model's own forward/backward (AlexNet server part, 1 thread).
 ZO_RNG_FLOPS_PER_ELEMENT = 600.0
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "cinic10", "digits", "mnist_small",
-                 "tweets", "sst2")
-MODEL_NAMES = ("alexnet", "small_cnn", "mlp", "opt", "minilm", "opt-125m", "opt-350m", "opt-1.3b")
-# Text datasets go with text models (models/text.py, simulator/text_data.py), images with the rest.
-TEXT_DATASET_NAMES = ("tweets", "sst2")
-TEXT_MODEL_NAMES = ("opt", "minilm", "opt-125m", "opt-350m", "opt-1.3b")
+# The allowed names come from the registries (add a dataset or model there, not here). Text
+# datasets go with text models, image datasets with image models.
+DATASET_NAMES = tuple(DATASETS)
+MODEL_NAMES = tuple(MODELS)
+TEXT_DATASET_NAMES = tuple(name for name, spec in DATASETS.items() if spec.kind == "text")
+TEXT_MODEL_NAMES = tuple(name for name, spec in MODELS.items() if spec.kind == "text")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +251,8 @@ class Scenario(Strict):
         return self
 
     @model_validator(mode="after")
-    def _text_goes_with_text(self) -> "Scenario":
+    def _model_goes_with_data(self) -> "Scenario":
+        """Text models take text datasets and image models images; then the model's own check."""
         m, ds = self.model, self.data.dataset
         text_model, text_data = m.name in TEXT_MODEL_NAMES, ds in TEXT_DATASET_NAMES
         if text_model and not text_data:
@@ -258,55 +261,11 @@ class Scenario(Strict):
         if text_data and not text_model:
             raise _KeyedValueError("model.name", f"data.dataset {ds!r} is text, so the model must be one of "
                                                  f"{', '.join(TEXT_MODEL_NAMES)}, got {m.name!r}")
-        if not text_model:
-            for key in ("config", "local_path"):
-                if getattr(m, key) is not None:
-                    raise _KeyedValueError(f"model.{key}", f"only text models take {key}; {m.name} does not")
-            from models.zoo import CUTS
-
-            cuts = CUTS.get(m.name)
-            if cuts is not None and m.cut not in cuts:
-                raise _KeyedValueError("model.cut", f"{m.name} has cuts {', '.join(map(str, sorted(cuts)))}, "
-                                                    f"got {m.cut}")
-            return self
-        if m.local_path is not None and m.name != "opt":
-            raise _KeyedValueError("model.local_path", f"only name: opt loads local weights, not {m.name}")
-        if m.name == "opt" and m.config is None and m.local_path is None:
-            raise _KeyedValueError("model.config", "an opt model needs config (sizes such as hidden_size, "
-                                   "num_hidden_layers, ffn_dim, num_attention_heads, or preset: opt-125m) "
-                                   "or local_path (a directory of real weights)")
-        if m.name.startswith("opt-") and m.config is not None:
-            raise _KeyedValueError("model.config", f"{m.name} is a preset; to change its sizes use name: opt "
-                                   f"with config: {{preset: {m.name}, ...}}")
-        n = _text_blocks(m)
-        if n is not None and not 1 <= m.cut <= n - 1:
-            raise _KeyedValueError("model.cut", f"{m.name} has {n} transformer blocks, so the cut must be in "
-                                                f"1..{n - 1} (blocks 1..cut run on the client), got {m.cut}")
+        try:
+            MODELS[m.name].check(m.cut, m.config, m.local_path)
+        except ScenarioError as e:
+            raise _KeyedValueError(e.key, e.detail) from None
         return self
-
-
-def _text_blocks(m: ModelConfig) -> Optional[int]:
-    """Transformer blocks of a text model if known without building it (None: checked at build)."""
-    import json
-
-    from models.text import OPT_PRESETS, minilm_path
-
-    cfg = m.config or {}
-    if m.name in OPT_PRESETS:
-        return int(OPT_PRESETS[m.name]["num_hidden_layers"])
-    try:
-        if m.name == "minilm":
-            return int(json.loads((minilm_path() / "config.json").read_text())["num_hidden_layers"])
-        if m.local_path is not None:
-            return int(json.loads((Path(m.local_path).expanduser() / "config.json").read_text())["num_hidden_layers"])
-    except Exception:  # missing package or checkpoint: the builder says so with its own message
-        return None
-    if isinstance(cfg.get("num_hidden_layers"), int):
-        return int(cfg["num_hidden_layers"])
-    preset = cfg.get("preset")
-    if isinstance(preset, str) and preset in OPT_PRESETS:
-        return int(OPT_PRESETS[preset]["num_hidden_layers"])
-    return None
 
 
 # --------------------------------------------------------------------------------------------

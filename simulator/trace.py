@@ -12,6 +12,8 @@ import io
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+from simulator import rundir
+
 
 class Span(NamedTuple):
     """One charged operation: a row of events.csv (read it by name, never by position)."""
@@ -78,8 +80,8 @@ class Recorder:
         self._files: dict[str, _CsvFile] = {}
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._files["events"] = _CsvFile(self.out_dir / "events.csv", EVENT_COLUMNS)
-            self._files["metrics"] = _CsvFile(self.out_dir / "metrics.csv", METRIC_COLUMNS)
+            self._files["events"] = _CsvFile(self.out_dir / rundir.EVENTS, EVENT_COLUMNS)
+            self._files["metrics"] = _CsvFile(self.out_dir / rundir.METRICS, METRIC_COLUMNS)
 
     # -- spans ---------------------------------------------------------------------------
     def span(self, *, client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes,

@@ -82,7 +82,9 @@ def _check(params: Sequence[torch.Tensor], direction: str) -> None:
 
 def _draws(sizes: Sequence[int], seed: int, device: torch.device) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """(tensor index, start, stop, float32 Gaussian chunk z) in parameter order, chunk by chunk."""
-    g = torch.Generator(device=device)
+    device = torch.device(device)
+    # meta tensors (memory accounting) have no generator of their own; a CPU one draws no values there
+    g = torch.Generator(device="cpu" if device.type == "meta" else device)
     g.manual_seed(int(seed))
     for i, n in enumerate(sizes):
         for start in range(0, n, CHUNK_ELEMENTS):

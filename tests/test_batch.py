@@ -1,4 +1,4 @@
-"""simulator.batch: planning compares and sweeps, running them (in-process and on Dask), resuming."""
+"""simulator.experiments: planning compares and sweeps, running them (in-process and on Dask), resuming."""
 from __future__ import annotations
 
 import json
@@ -8,16 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from simulator.batch import (
-    Plan,
-    parse_seeds,
-    plan_compare,
-    plan_sweep,
-    run_batch,
-    sanitize,
-    split_overrides,
-    switch_algorithm,
-)
+from simulator.experiments import Plan, plan_compare, plan_sweep, run_batch
+from simulator.experiments.plan import parse_seeds, sanitize, split_overrides, switch_algorithm
 from simulator.algorithms import ALGORITHMS
 from simulator.cli import main
 from simulator.errors import ScenarioError, UserError

@@ -1,4 +1,4 @@
-"""Tests for simulator/data.py: file readers in the real formats, lookup order, partitions."""
+"""Tests for simulator/data/ (images, formats, locate, partitions): readers, lookup order, partitions."""
 from __future__ import annotations
 
 import gzip
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from simulator import data
+from simulator.data import locate, partitions
 from simulator.rng import generator
 from simulator.data import (
     DatasetFormatError,
@@ -28,7 +29,7 @@ FMNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 def _isolated(monkeypatch, tmp_path):
     """No test sees the caller's SFLSIM_DATA, the Debian folder, or another test's cache."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "DEBIAN_DATASETS_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(locate, "DEBIAN_DATASETS_DIR", tmp_path / "no-debian")
     data.clear_cache()
     yield
     data.clear_cache()
@@ -108,7 +109,7 @@ def test_idx_gz_and_plain_load_with_header_dims(tmp_path, gz):
     np.testing.assert_allclose(ds.x_test[:, 0].numpy(), (test_raw - mean) / std, atol=1e-5)
 
 
-def test_idx_dotted_spelling_and_torchvision_raw_folder(tmp_path):
+def test_idx_dotted_spelling_in_an_mnist_raw_folder(tmp_path):
     """'train-images.idx3-ubyte' names in MNIST/raw are found."""
     _write_idx_set(tmp_path / "MNIST" / "raw", dotted=True, gz=False)
     ds = load_dataset("mnist", root=tmp_path)
@@ -367,7 +368,7 @@ def test_dirichlet_min_size_and_bounded_retries(monkeypatch):
     """min_size is met when possible; an impossible request fails clearly after bounded draws."""
     parts = partition(LABELS, 10, "dirichlet", seed=0, alpha=0.3, min_size=20)
     assert min(len(p) for p in parts) >= 20
-    monkeypatch.setattr(data, "DIRICHLET_MAX_ATTEMPTS", 50)
+    monkeypatch.setattr(partitions, "DIRICHLET_MAX_ATTEMPTS", 50)
     # Tiny alpha gives each of the 10 classes to about one client: 20 clients cannot all get 40.
     with pytest.raises(ValueError, match="50 draws"):
         partition(LABELS, 20, "dirichlet", seed=0, alpha=0.01, min_size=40)
@@ -418,10 +419,48 @@ def test_dataset_repr_is_short():
 )
 def test_real_debian_fashion_mnist(monkeypatch):
     """The Debian package's Fashion-MNIST loads as 60000/10000 samples of (1, 28, 28)."""
-    monkeypatch.setattr(data, "DEBIAN_DATASETS_DIR", FMNIST_DEBIAN.parent)
+    monkeypatch.setattr(locate, "DEBIAN_DATASETS_DIR", FMNIST_DEBIAN.parent)
     ds = load_dataset("fashion_mnist")
     assert (len(ds.y_train), len(ds.y_test)) == (60000, 10000)
     assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
     assert np.bincount(ds.y_train.numpy()).tolist() == [6000] * 10
     assert ds.channel_mean[0] == pytest.approx(0.2860, abs=1e-4)
     assert ds.channel_std[0] == pytest.approx(0.3530, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry and the package's layering
+# --------------------------------------------------------------------------------------------
+def test_every_registry_entry_keeps_the_contract():
+    """Each DATASETS entry is named by its key, is image or text, has a one-line summary and a
+    loader; image entries are exactly what load_dataset accepts, and they come first."""
+    for name, spec in data.DATASETS.items():
+        assert spec.name == name and spec.kind in ("image", "text")
+        assert spec.summary and "\n" not in spec.summary and callable(spec.load)
+    kinds = [spec.kind for spec in data.DATASETS.values()]
+    assert kinds == sorted(kinds)  # "image" < "text"
+    assert [n for n in data.DATASETS if data.DATASETS[n].kind == "image"] == list(data.IMAGE_DATASETS)
+    assert [n for n in data.DATASETS if data.DATASETS[n].kind == "text"] == list(data.TEXT_DATASETS)
+
+
+# Each module of simulator/data/ may import only the modules before it in this list.
+LAYERS = ["locate", "partitions", "formats", "images", "text"]
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_data_modules_import_only_downwards(module):
+    """No module of simulator/data/ imports the package itself or a module at or above its layer."""
+    import ast
+
+    path = Path(data.__file__).parent / f"{module}.py"
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("simulator.data"):
+            if node.module == "simulator.data":
+                imported.update(f"simulator.data.{a.name}" for a in node.names)
+            else:
+                imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names if a.name.startswith("simulator.data"))
+    allowed = {f"simulator.data.{m}" for m in LAYERS[: LAYERS.index(module)]}
+    assert imported <= allowed, f"{module}.py imports {sorted(imported - allowed)}"

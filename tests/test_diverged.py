@@ -12,9 +12,9 @@ import yaml
 
 import simulator.algorithms.mu_splitfed as rounds  # where SplitFed's exchange calls server_step
 from simulator import runner as runner_mod
-from simulator.batch import plan_compare, run_batch
 from simulator.cli import main
 from simulator.errors import Diverged
+from simulator.experiments import plan_compare, run_batch
 from simulator.runner import run_scenario
 from simulator.scenario import apply_overrides, validate
 

@@ -1,4 +1,4 @@
-"""Client memory: accounting on meta against measured peaks, and the in-place ZO step."""
+"""simulator.measure.memory: accounting on meta against measured peaks of the algorithms' own steps."""
 from __future__ import annotations
 
 import math
@@ -9,19 +9,22 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from simulator.memory import (  # noqa: E402
+from simulator import zo  # noqa: E402
+from simulator.algorithms import mu_splitfed, splitfed  # noqa: E402
+from simulator.measure.memory import (  # noqa: E402
     METHODS,
-    LiveTensorTracker,
+    ZO_DELTA,
+    ZO_LR,
     StepSetting,
+    StorageTracker,
     account,
     build_client,
     measure_rss,
     memory_table,
-    perturb_in_place,
     zo_chunk_bytes,
-    zo_client_step,
+    zo_settings,
+    zo_step_seeds,
 )
-from simulator.rng import torch_generator  # noqa: E402
 
 # D=32, 4 blocks, vocab 500: every category is a few hundred KB.
 TINY = dict(hidden_size=32, num_hidden_layers=4, ffn_dim=64, num_attention_heads=4,
@@ -132,7 +135,7 @@ def test_full_size_opt13b_accounting_on_meta():
     block = 4 * (2048 * 2048 + 2048) + (2048 * 8192 + 8192) + (8192 * 2048 + 2048) + 4 * 2048
     assert row["params_bytes"] == 4 * (50272 * 2048 + 2050 * 2048 + 2 * block)
     assert row["activation_bytes"] == 3 * 4 * 32 * 32 * 2048
-    assert row["optimizer_bytes"] == 4 * (1 << 16)
+    assert row["optimizer_bytes"] == 4 * zo.CHUNK_ELEMENTS
     assert row["total_bytes"] < row["peak_bytes"] < 1.15 * row["total_bytes"]
 
 
@@ -145,64 +148,73 @@ def test_half_precision_halves_parameter_and_activation_bytes():
     assert half["activation_bytes"] * 2 == full["activation_bytes"]
 
 
-def test_zo_probes_restore_parameters_in_place_up_to_rounding():
-    """+lam*u, -2lam*u, +lam*u leaves every parameter where it was, to float rounding.
+def test_split_steps_are_the_algorithms_own(monkeypatch):
+    """The measured split steps call MU-SplitFed's and SplitFed's step functions, in order."""
+    calls = []
 
-    Bit-identical restoration is impossible for in-place float perturbation (x + d rounds
-    away low bits of x whenever |x + d| is in a higher binade than |x|); MeZO accepts this.
-    The bound is three roundings at the magnitude of |x| + 2|lam*u|.
-    """
-    work = build_client("mu_splitfed", StepSetting("opt", cut=2, batch=2, seq_len=4, config=TINY))
-    params = list(work.module.parameters())
-    before = [p.detach().clone() for p in params]
-    ptrs = [p.data_ptr() for p in params]
-    lam = 0.005
+    def spy(module, name):
+        real = getattr(module, name)
 
-    def gen():
-        return torch_generator(0, "zo", "test", 1)
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
 
-    for scale in (lam, -2 * lam, lam):
-        perturb_in_place(params, gen, scale, chunk_elems=1000)
-    g = gen()
-    eps = torch.finfo(torch.float32).eps
-    for p, b in zip(params, before):
-        u = torch.cat([torch.randn(min(1000, p.numel() - i), generator=g)
-                       for i in range(0, p.numel(), 1000)]).view_as(p)
-        bound = 3 * eps * (b.abs() + 2 * lam * u.abs())
-        assert ((p - b).abs() <= bound).all()
-    assert [p.data_ptr() for p in params] == ptrs
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("client_activation", "probe_plus", "probe_minus", "client_zo_update"):
+        spy(mu_splitfed, name)
+    spy(splitfed, "client_backward_step")
+    s = StepSetting("opt", cut=1, batch=2, seq_len=4, config=TINY)
+    build_client("mu_splitfed", s).step()
+    assert calls == ["client_activation", "probe_plus", "probe_minus", "client_zo_update"]
+    calls.clear()
+    build_client("splitfed", s).step()
+    assert calls == ["client_backward_step"]
 
 
 def test_zo_step_allocates_no_parameter_sized_buffer():
-    """The whole ZO step never creates a storage as large as its largest parameter."""
-    work = build_client("mu_splitfed", StepSetting("opt", cut=2, batch=2, seq_len=4, config=TINY))
-    params = list(work.module.parameters())
+    """The ZO step's largest new storage is one chunk of u, smaller than its largest parameter."""
+    # Vocabulary 4096 x D 32: the token embedding (512 KiB) is larger than a chunk (256 KiB).
+    s = StepSetting("opt", cut=2, batch=2, seq_len=4, config={**TINY, "vocab_size": 4096})
+    work = build_client("mu_splitfed", s)
+    params = list(work.params.values())
     largest = max(p.numel() * p.element_size() for p in params)
-    ids = work.inputs[0]
-    tracker = LiveTensorTracker()
-    tracker.track(*params, ids)
+    tracker = StorageTracker(held=params + work.inputs)
     with tracker:
-        h, hp, hm, delta = zo_client_step(work.module, ids, seed=0, chunk_elems=256)
-    assert tracker.largest_new < largest
-    assert tracker.largest_new <= max(256 * 4, h.numel() * 4 * 4)
-    assert not h.requires_grad and delta == 1.0
-    assert not torch.equal(hp, hm)
-    assert zo_chunk_bytes(params, 256) == 256 * 4
+        work.step()
+    assert tracker.largest == zo.CHUNK_ELEMENTS * 4 == zo_chunk_bytes(params) < largest
+    assert tracker.held_bytes == sum(p.numel() * 4 for p in params) + sum(t.nbytes for t in work.inputs)
 
 
 def test_zo_update_moves_along_the_regenerated_direction():
-    """After the step, x_new - x = -eta*delta/(2 lam) * u with u regenerated from the key."""
-    work = build_client("mu_splitfed", StepSetting("opt", cut=1, batch=2, seq_len=4, config=TINY))
-    p = work.module.blocks[0].fc1.weight
-    before = p.detach().clone()
-    zo_client_step(work.module, work.inputs[0], seed=3, step_index=7, lam=0.01, eta=0.02,
-                   server_delta=lambda h, hp, hm: 0.5, chunk_elems=10**9)
-    g = torch_generator(3, "zo", "client", 7)
-    for q in work.module.parameters():  # u is drawn parameter after parameter
-        u = torch.randn(q.numel(), generator=g).view_as(q)
-        if q is p:
-            break
-    torch.testing.assert_close(p - before, -0.02 * 0.5 / 0.02 * u, rtol=1e-3, atol=1e-6)
+    """After one step, x_new - x = -lr * delta / (2 lam) * u, u regenerated from the step's seed."""
+    s = StepSetting("opt", cut=1, batch=2, seq_len=4, config=TINY)
+    work = build_client("mu_splitfed", s)
+    before = [p.clone() for p in work.params.values()]
+    work.step()
+    zc = zo_settings()
+    (seed,) = zo_step_seeds(s, 1)
+    us = zo.materialize_direction(before, seed, zc.direction)
+    coeff = ZO_LR * ZO_DELTA / (2 * zc.lam)
+    for p, b, u in zip(work.params.values(), before, us):
+        torch.testing.assert_close(p - b, -coeff * u, rtol=1e-3, atol=1e-6)
+
+
+def test_storage_tracker_counts_held_and_new_storages():
+    """Held storages count in held_bytes and peak_total only; views and in-place ops count nothing."""
+    held = torch.zeros(1000)
+    tracker = StorageTracker(held=[held, held[10:]])
+    with tracker:
+        held.add_(1.0)
+        v = held.view(10, 100)
+        a = torch.ones(500)
+        b = torch.ones(250)
+        del a
+        c = torch.ones(100)
+    assert tracker.held_bytes == 4000
+    assert (tracker.current, tracker.peak, tracker.largest) == (1400, 3000, 2000)
+    assert tracker.peak_total == 7000
+    del v, b, c
 
 
 def test_table_columns_and_unmeasured_nan():

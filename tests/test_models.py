@@ -1,4 +1,4 @@
-"""Tests for models.zoo and models.split: registry contract, cuts, sharing, seeding."""
+"""Tests for models.zoo, models.split and models.registry: registry contract, cuts, sharing, seeding."""
 from __future__ import annotations
 
 import gzip
@@ -12,11 +12,13 @@ from torch import nn
 from models import MODELS, SplitModel, build_model, split
 from simulator import rng
 
+# The image entries of the registry (text models: tests/test_text_models.py).
+IMAGE_MODELS = sorted(name for name, spec in MODELS.items() if spec.kind == "image")
 # (in_channels, input_hw): a Fashion-MNIST-like and a CIFAR-like input.
 INPUTS = [(1, (28, 28)), (3, (32, 32))]
 CASES = [
     (name, channels, hw, cut)
-    for name in sorted(MODELS)
+    for name in IMAGE_MODELS
     for channels, hw in INPUTS
     for cut in sorted(build_model(name, channels, 10, hw, seed=0).cuts)
 ]
@@ -37,7 +39,7 @@ def test_split_parts_compose_to_the_model_exactly(name, channels, hw, cut):
         assert model(x).shape == (4, 10)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_cut_table_is_well_formed(name):
     """Cuts are 1..n, leave each part a block, and give the client more blocks as the cut grows."""
     model = build_model(name, 1, 10, (28, 28), seed=0)
@@ -48,13 +50,42 @@ def test_cut_table_is_well_formed(name):
     assert sizes == sorted(set(sizes))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_blocks_are_named(name):
     """Every block has a readable name, not an index, and parameter names start with it."""
     model = build_model(name, 3, 10, (32, 32), seed=0)
     names = [n for n, _ in model.named_children()]
     assert all(not n.isdigit() for n in names)
     assert {k.split(".")[0] for k in model.state_dict()} <= set(names)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registry_entry_keeps_the_contract(name):
+    """Each MODELS entry is named by its key, is image or text, has a one-line summary and cuts,
+    and its check names model.cut for a cut that cannot work."""
+    from simulator.errors import ScenarioError
+
+    spec = MODELS[name]
+    assert spec.name == name and spec.kind in ("image", "text")
+    assert spec.summary and "\n" not in spec.summary and spec.cut_range()
+    with pytest.raises(ScenarioError) as err:
+        spec.check(0 if spec.kind == "image" else 10_000, {"preset": "opt-125m"} if name == "opt" else None, None)
+    assert err.value.key == "model.cut"
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_image_entries_accept_exactly_their_built_cuts(name):
+    """An image model's check accepts the cuts of the built model and only those."""
+    from simulator.errors import ScenarioError
+
+    cuts = build_model(name, 1, 10, (28, 28), seed=0).cuts
+    assert dict(MODELS[name].cuts) == cuts
+    for cut in range(0, max(cuts) + 2):
+        if cut in cuts:
+            MODELS[name].check(cut, None, None)
+        else:
+            with pytest.raises(ScenarioError, match="model.cut"):
+                MODELS[name].check(cut, None, None)
 
 
 def test_alexnet_blocks_follow_the_gas_code():
@@ -163,7 +194,7 @@ def test_split_needs_a_cut_table():
         split(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 1)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_same_seed_same_parameters_different_seed_different(name):
     """Initialisation is a function of the seed: same seed equal, other seed different."""
     a = build_model(name, 1, 10, (28, 28), seed=7).state_dict()

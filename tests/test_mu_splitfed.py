@@ -17,7 +17,7 @@ from simulator.algorithms import ALGORITHMS
 from simulator.algorithms import mu_splitfed as mu
 from simulator.algorithms.common import params_of
 from simulator.errors import ScenarioError
-from simulator.memory import NewStorageTracker
+from simulator.measure.memory import StorageTracker
 from simulator.runner import run_scenario
 from simulator.scenario import validate
 
@@ -286,7 +286,7 @@ def test_zo_client_step_allocates_no_parameter_sized_buffer():
     param_bytes = sum(v.nbytes for v in params.values())
     seeds = [zo.zo_seed(0, "mem", p) for p in range(2)]
 
-    meter = NewStorageTracker(list(params.values()) + [x])
+    meter = StorageTracker(list(params.values()) + [x])
     with meter:
         h = mu.client_activation(model, params, x)
         pairs = []
@@ -299,7 +299,7 @@ def test_zo_client_step_allocates_no_parameter_sized_buffer():
     assert meter.largest <= zo.CHUNK_ELEMENTS * 4
     assert meter.peak < 0.1 * param_bytes, (meter.peak, param_bytes)
 
-    fo_meter = NewStorageTracker(list(params.values()) + [x])
+    fo_meter = StorageTracker(list(params.values()) + [x])
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with fo_meter:
         out = torch.func.functional_call(model, leaves, (x,))

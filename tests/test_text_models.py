@@ -12,6 +12,7 @@ from models.text import (  # noqa: E402
     build_hf_model,
     build_text_model,
     extended_attention_mask,
+    known_num_layers,
     minilm_path,
     num_layers,
     tokenizer_for,
@@ -213,3 +214,11 @@ def test_aux_is_the_padding_mask():
     assert isinstance(m, TextSplitModel)
     mask = m.aux(torch.tensor([[5, 6, 0, 0]]))
     assert mask.dtype == torch.int64 and mask.tolist() == [[1, 1, 0, 0]]
+
+
+def test_known_num_layers_agrees_with_num_layers():
+    """The scenario's block count (no build, no transformers) is num_layers whenever it knows one."""
+    for name, config in (("opt", TINY), ("opt", {"preset": "opt-350m"}), ("opt-1.3b", None), ("minilm", None)):
+        assert known_num_layers(name, config) == num_layers(name, config)
+    assert known_num_layers("opt", {"hidden_size": 8}) is None
+    assert known_num_layers("opt", None, "/nowhere") is None

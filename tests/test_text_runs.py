@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 from models.text import build_text_model, minilm_path  # noqa: E402
 from simulator.cli import main  # noqa: E402
 from simulator.errors import ScenarioError, UserError  # noqa: E402
-from simulator.runner import profile_text_cut, run_scenario  # noqa: E402
+from models.profile import profile_text_cut  # noqa: E402
+from simulator.runner import run_scenario  # noqa: E402
 from simulator.scenario import validate  # noqa: E402
 
 try:  # the tokenizer of every text run here (random OPT configs read MiniLM's ids)
@@ -118,10 +119,10 @@ def test_text_profile_counts_real_flops_and_the_mask():
     # The same measurement with real tensors on the CPU gives the same numbers.
     from models.profile import profile_cut
     from models.split import SplitModel
-    from simulator.runner import _ServerWithMask
+    from models.text import ServerWithMask
 
     mask = torch.ones((BATCH, MAX_LEN), dtype=torch.int64)
-    cpu = profile_cut(SplitModel(parts.client, _ServerWithMask(parts.server, mask), 1), (MAX_LEN,),
+    cpu = profile_cut(SplitModel(parts.client, ServerWithMask(parts.server, mask), 1), (MAX_LEN,),
                       BATCH, input_dtype=torch.long, device="cpu")
     for key in ("client_forward_flops", "client_backward_flops", "server_forward_flops",
                 "server_backward_flops", "activation_bytes"):

@@ -26,13 +26,13 @@ class AlgorithmSpec:
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     "splitfed_v1": AlgorithmSpec("splitfed_v1", splitfed.SplitFedV1Config, splitfed.build_v1,
-                                 "SplitFed V1, first-order: a server copy per client, averaged each round"),
+                                 "SplitFed V1: a server copy per client, averaged each round (first-order by default)"),
     "splitfed_v2": AlgorithmSpec("splitfed_v2", splitfed.SplitFedV2Config, splitfed.build_v2,
-                                 "SplitFed V2, first-order: one shared server model, arrival order"),
+                                 "SplitFed V2: one shared server model, updated in arrival order (first-order by default)"),
     "mu_splitfed": AlgorithmSpec("mu_splitfed", mu_splitfed.MUSplitFedConfig, mu_splitfed.build,
-                                 "MU-SplitFed: ZO clients, tau server steps per client filling idle time"),
+                                 "MU-SplitFed: tau server steps per local iteration that fill idle time (ZO by default)"),
     "splitfed_zo": AlgorithmSpec("splitfed_zo", mu_splitfed.SplitFedZOConfig, mu_splitfed.build,
-                                 "SplitFed, zeroth-order (the MU-SplitFed paper's vanilla): MU-SplitFed with tau 1"),
+                                 "the MU-SplitFed paper's vanilla SplitFed: MU-SplitFed with tau 1 (ZO by default)"),
     "gas": AlgorithmSpec("gas", gas.GASConfig, gas.build,
                          "GAS: asynchronous SFL with activation/model buffers and generated activations"),
 }

@@ -1,35 +1,41 @@
 """Client peak memory of one training step: FedAvg, FedLoRA, SplitFed and MU-SplitFed side by side.
 
-For one model, cut, batch and sequence length, each method's client step is
+A measuring tool, not part of the event loop: the split methods' steps are the algorithms' own
+functions, so the memory measured is that of the step a simulated run executes.
 
-- ``fedavg``: the whole model, first-order: forward, cross-entropy, backward, optimizer step
-  (SGD by default, ``optimizer="adam"`` optional);
+- ``fedavg``: the whole model, first-order: forward, cross-entropy, backward, ``torch.optim``
+  step (SGD by default, ``optimizer="adam"`` optional). sflsim has no FedAvg algorithm, so
+  this step is torch's;
 - ``fedlora``: LoRA adapters (``peft``, rank ``lora_r`` on the attention query/value
-  projections) plus the classification head on the whole model, first-order;
-- ``splitfed``: the client part only, first-order (forward, backward of the gradient the
-  server sends for ``h``, optimizer step);
-- ``mu_splitfed``: the client part only, zeroth-order and in place (the MeZO trick): under
-  ``torch.no_grad`` it computes ``h``, perturbs the parameters in place by ``+lam*u``,
-  computes ``h+``, by ``-2*lam*u``, computes ``h-``, restores them by ``+lam*u`` and applies
-  ``x -= eta * delta / (2*lam) * u``, regenerating ``u`` from a seeded generator each time,
-  one chunk at a time, so no parameter-sized buffer ever exists. ``h``, ``h+`` and ``h-`` are
-  all kept until the end (a client sends each as soon as it is ready; keeping them is the
-  conservative reading).
+  projections) plus the classification head on the whole model, first-order, as ``fedavg``;
+- ``splitfed``: the client part only, as SplitFed's client runs it: forward with
+  ``algorithms.common.forward`` on views of the parameters that require grad, then
+  ``algorithms.splitfed.client_backward_step`` with the ``dL/dh`` the server sends (SGD with
+  the algorithm's momentum buffers; ``optimizer="adam"``: the same gradients, torch's Adam);
+- ``mu_splitfed``: the client part only, zeroth-order and in place, as MU-SplitFed's client
+  runs it: ``client_activation`` (h), then per perturbation ``probe_plus`` (h+) and
+  ``probe_minus`` (h-, then the restore), then ``client_zo_update``, all from
+  ``algorithms.mu_splitfed`` on ``simulator.zo``'s in-place perturbation (u regenerated from a
+  seed, ``zo.CHUNK_ELEMENTS`` float32 values at a time, so no parameter-sized buffer ever
+  exists). The estimator settings are ``algorithms.common.ZOConfig``'s defaults (lam, P,
+  Gaussian directions). ``h``, ``h+`` and ``h-`` are all kept until the update (the client
+  sends each as soon as it is ready and the simulated server holds them until it answers:
+  the conservative reading). The server's loss difference is a stand-in (1.0): the client's
+  memory does not depend on its value.
 
 Every step is measured after one warm-up step (steady state: optimizer state exists, no
 gradients are held between steps).
 
 **Accounted** (``account``, always on the ``meta`` device, so OPT-1.3B costs no memory):
-parameters held, gradients of the trainable parameters, optimizer state (ZO: the one chunk of
-``u`` drawn at a time) and activations. First-order activations are the tensors autograd
-saves for backward, captured with ``torch.autograd.graph.saved_tensors_hooks`` during a meta
-forward (distinct storages, parameters and inputs excluded); zeroth-order activations are the
-kept ``h, h+, h-``. ``total_bytes`` is their sum. ``peak_bytes`` is the peak of live tensor
-bytes of the same step run on ``meta`` under ``LiveTensorTracker`` (a ``TorchDispatchMode``):
-what a byte-exact allocator would report. The sum is not the peak: first-order backward frees
-activations while it creates gradients (the peak lies between ``total - min(act, grads)`` and
-about ``total``), and the sum omits short-lived intermediates (a zeroth-order forward's
-largest block temporaries).
+parameters held, gradients of the trainable parameters, optimizer state (ZO: the one float32
+chunk of ``u`` drawn at a time) and activations. First-order activations are the tensors
+autograd saves for backward, captured with ``torch.autograd.graph.saved_tensors_hooks`` during
+a meta forward (distinct storages, parameters and inputs excluded); zeroth-order activations
+are the kept ``h`` and the 2P perturbed ones. ``total_bytes`` is their sum. ``peak_bytes`` is
+the peak of live tensor bytes of the same step run on ``meta`` under ``StorageTracker`` (a
+``TorchDispatchMode``): what a byte-exact allocator would report. The sum is not the peak:
+first-order backward frees activations while it creates gradients, and the sum omits
+short-lived intermediates (a zeroth-order forward's largest block temporaries).
 
 **Measured** (``measure_step``), a real step on a real device:
 
@@ -40,17 +46,15 @@ largest block temporaries).
   resident set just before the step. glibc's mmap threshold is pinned to 64 KiB so that freed
   tensors leave the resident set. Independent of PyTorch's bookkeeping; 4 KiB pages and a few
   hundred KiB to ~2 MiB of non-tensor noise (Python objects, oneDNN primitives);
-- ``cpu``, ``how="tracker"``: ``LiveTensorTracker`` around the real CPU step, in process:
+- ``cpu``, ``how="tracker"``: ``StorageTracker`` around the real CPU step, in process:
   exact for tensor storages, blind to memory that is not a tensor.
 
 This module never touches the simulated clock and never prints.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import logging
 import math
 import os
 import subprocess
@@ -59,18 +63,20 @@ import tempfile
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from simulator import zo
+from simulator.algorithms import mu_splitfed, splitfed
+from simulator.algorithms.common import Params, ZOConfig, forward, leaf
 from simulator.rng import torch_generator
 
-logger = logging.getLogger(__name__)
-
 METHODS: tuple[str, ...] = ("fedavg", "fedlora", "splitfed", "mu_splitfed")
-DEFAULT_METHODS: tuple[str, ...] = ("fedavg", "fedlora", "splitfed", "mu_splitfed")
 MEASURE_METHODS: tuple[str, ...] = ("tracker", "rss")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 DTYPES: dict[str, torch.dtype] = {
@@ -82,14 +88,13 @@ COLUMNS: tuple[str, ...] = (
     "method", "params_bytes", "grads_bytes", "optimizer_bytes", "activation_bytes",
     "total_bytes", "peak_bytes", "measured_peak_bytes",
 )
-
-# Elements of the ZO direction u generated at once: the only transient buffer of a ZO update
-# (256 KiB in fp32; the same chunk as simulator.zo.CHUNK_ELEMENTS), instead of one as large as
-# the largest parameter (the 50272 x 2048 token embedding of OPT-1.3B is 412 MB).
-ZO_CHUNK_ELEMS = 1 << 16
 # LoRA targets per architecture: the attention query and value projections (LoRA paper's
 # default, and DeComFL's).
 LORA_TARGETS = {"opt": ["q_proj", "v_proj"], "minilm": ["query", "value"]}
+# Step sizes of the measured steps (their values do not change memory).
+FO_LR, ADAM_LR = 1e-3, 1e-5
+ZO_LR = 0.005  # MU-SplitFed's lr_client default (the paper's eta_c)
+ZO_DELTA = 1.0  # stand-in for the server's F(x_s; h+) - F(x_s; h-)
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,9 @@ class StepSetting:
     """Classes of the head (SST-2: 2)."""
     seed: int = 0
     """Seed for weights (``init`` stream), inputs (``data``) and ZO directions (``zo``)."""
-    zo_chunk: int = ZO_CHUNK_ELEMS
-    """Elements of the ZO direction generated at once."""
 
     def __post_init__(self) -> None:
-        for key in ("cut", "batch", "seq_len", "lora_r", "num_classes", "zo_chunk"):
+        for key in ("cut", "batch", "seq_len", "lora_r", "num_classes"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be a positive integer, got {v!r}")
@@ -139,18 +142,91 @@ class StepSetting:
 
 
 # --------------------------------------------------------------------------------------------
-# Building what a client holds
+# Counting live tensor storages
+# --------------------------------------------------------------------------------------------
+class StorageTracker(TorchDispatchMode):
+    """Bytes of live tensor storages while the mode is on (cpu, cuda and meta alike).
+
+    ``held`` tensors (parameters, inputs, optimizer state: what exists before the step) are
+    counted in ``held_bytes``; every storage an op returns inside the mode is a new one,
+    counted in ``current`` at its full size until it is freed (a weakref callback). Each
+    distinct storage counts once (views and in-place results of a known storage count nothing).
+    After each op, while its inputs are still alive (as a caching allocator sees it):
+
+    - ``peak``: the most bytes of new storages alive at once (what the step allocates beyond
+      what it was given);
+    - ``largest``: the largest new storage (a ZO step's should be one chunk of u, never a
+      parameter-sized buffer);
+    - ``peak_total``: the most bytes of held and new storages alive at once (the step's peak
+      memory, what an exact allocator would report).
+
+    Memory that is not a tensor storage (kernel scratch outside tensors, allocator slack, the
+    Python heap) is not seen; ``UntypedStorage.resize_`` outside dispatch is not seen either.
+    """
+
+    def __init__(self, held: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[weakref.ref, int, bool]] = {}  # id -> (ref, bytes, new?)
+        self.held_bytes = 0
+        self.current = self.peak = self.largest = 0
+        for t in held:
+            self._add(t, new=False)
+        self.peak_total = self.held_bytes
+
+    def _freed(self, key: int, ref: weakref.ref) -> None:
+        entry = self._live.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._live[key]
+            if entry[2]:
+                self.current -= entry[1]
+            else:
+                self.held_bytes -= entry[1]
+
+    def _add(self, t: torch.Tensor, *, new: bool) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is st:
+            return
+        nbytes = int(st.nbytes())
+        ref = weakref.ref(st, lambda r, key=key: self._freed(key, r))
+        self._live[key] = (ref, nbytes, new)
+        if new:
+            self.current += nbytes
+            self.largest = max(self.largest, nbytes)
+        else:
+            self.held_bytes += nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t, new=True)
+        self.peak = max(self.peak, self.current)
+        self.peak_total = max(self.peak_total, self.held_bytes + self.current)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Building what a client holds, and its step
 # --------------------------------------------------------------------------------------------
 @dataclass
 class ClientWork:
-    """The modules, trainable parameters and step function of one method's client."""
+    """What one method's client holds and its step function.
+
+    ``params`` are the tensors the step updates (the split methods: views of the module's
+    parameters, as the algorithms' parameter dicts); ``state`` the algorithm's buffers
+    (SplitFed's momentum) that persist across steps.
+    """
 
     method: str
     module: nn.Module
-    trainable: list[nn.Parameter]
+    params: Params
+    trainable: list[torch.Tensor]
     step: Callable[[], None]
     optimizer: Optional[torch.optim.Optimizer] = None
     inputs: list[torch.Tensor] = field(default_factory=list)
+    state: dict = field(default_factory=dict)
 
 
 def _check_method(method: str) -> None:
@@ -158,13 +234,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _make_optimizer(params: list[nn.Parameter], s: StepSetting) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[torch.Tensor], s: StepSetting) -> torch.optim.Optimizer:
     # foreach=False: per-parameter updates, so Adam's temporaries are one parameter at a time
     # (the multi-tensor path, torch's default on CUDA, allocates temporaries for all
     # parameters at once, e.g. sqrt of the whole second-moment state).
     if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=1e-5, foreach=False)
-    return torch.optim.SGD(params, lr=1e-3, momentum=s.momentum, foreach=False)
+        return torch.optim.Adam(params, lr=ADAM_LR, foreach=False)
+    return torch.optim.SGD(params, lr=FO_LR, momentum=s.momentum, foreach=False)
 
 
 def _inputs(s: StepSetting, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +271,12 @@ def _check_positions(split_model: Any, seq_len: int) -> None:
 def _lora_model(whole: nn.Module, kind: str, s: StepSetting) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    from simulator.rng import seeded_torch
+
     cfg = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, bias="none",
                      target_modules=LORA_TARGETS[kind])
-    model = get_peft_model(whole, cfg)
+    with seeded_torch(s.seed, "init", "lora"):  # peft initialises LoRA with torch's global RNG
+        model = get_peft_model(whole, cfg)
     # The classification head is new, so it is trained too (as PEFT's SEQ_CLS task does).
     for p in whole.server.head.parameters():
         p.requires_grad_(True)
@@ -213,47 +292,35 @@ def build_client(method: str, s: StepSetting, device: Union[str, torch.device] =
     sm = build_text_model(s.model_kind, cut=s.cut, num_classes=s.num_classes, seed=s.seed,
                           config=s.config, local_path=s.local_path, device=device)
     _check_positions(sm, s.seq_len)
-    dtype = DTYPES[s.dtype]
     ids, y = _inputs(s, _vocab_size(sm), device)
-    kind = sm.kind
     if method in ("fedavg", "fedlora"):
         module: nn.Module = whole_model(sm)
         if method == "fedlora":
-            with _lora_init_seed(s):
-                module = _lora_model(module, kind, s)
+            module = _lora_model(module, sm.kind, s)
     else:
         module = sm.client
-        if method == "mu_splitfed":
-            # Only the client part is held: drop the server's reference (nothing else keeps it).
-            sm.server = None  # type: ignore[assignment]
-    module = module.to(dtype=dtype)
+        sm.server = None  # type: ignore[assignment]  # only the client part is held
+    module = module.to(dtype=DTYPES[s.dtype])
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
+    if method in ("fedavg", "fedlora"):
+        opt = _make_optimizer(trainable, s)
+        params = {k: p for k, p in module.named_parameters()}
+        return ClientWork(method, module, params, trainable, _whole_step(module, opt, ids, y), opt, [ids, y])
+    # The algorithms' parameter dicts: here views of the module's parameters (no copy).
+    params = {k: p.detach() for k, p in module.named_parameters()}
+    work = ClientWork(method, module, params, list(params.values()), lambda: None, None, [ids, y])
     if method == "mu_splitfed":
-        for p in module.parameters():
-            p.requires_grad_(False)
-        step = _zo_step_fn(module, ids, s)
-        return ClientWork(method, module, list(module.parameters()), step, None, [ids, y])
-    opt = _make_optimizer(trainable, s)
-    if method == "splitfed":
-        # The server's gradient dL/dh arrives as a tensor shaped like h.
-        step = _fo_client_step_fn(module, opt, ids, s)
+        work.step = _zo_client_step(work, s)
     else:
-        step = _fo_whole_step_fn(module, opt, ids, y)
-    return ClientWork(method, module, trainable, step, opt, [ids, y])
+        work.optimizer = _make_optimizer(work.trainable, s) if s.optimizer == "adam" else None
+        work.step = _fo_client_step(work, s)
+    return work
 
 
-@contextlib.contextmanager
-def _lora_init_seed(s: StepSetting):
-    """peft initialises the LoRA matrices with torch's global RNG: key it."""
-    from simulator.rng import seeded_torch
-
-    with seeded_torch(s.seed, "init", "lora"):
-        yield
-
-
-def _fo_whole_step_fn(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
-                      y: torch.Tensor) -> Callable[[], None]:
+def _whole_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
+                y: torch.Tensor) -> Callable[[], None]:
+    """FedAvg / FedLoRA: forward, cross-entropy, backward, optimizer step."""
     def step() -> None:
         loss = nn.functional.cross_entropy(model(ids).float(), y)
         loss.backward()
@@ -263,83 +330,57 @@ def _fo_whole_step_fn(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.T
     return step
 
 
-def _fo_client_step_fn(client: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor,
-                       s: StepSetting) -> Callable[[], None]:
+def _fo_client_step(work: ClientWork, s: StepSetting) -> Callable[[], None]:
+    """SplitFed's client (``SplitRounds.fo_exchange``): forward, then ``client_backward_step``."""
+    cfg = SimpleNamespace(lr_client=FO_LR, momentum=s.momentum, weight_decay=0.0)
+    module, params, opt = work.module, work.params, work.optimizer
+    ids = work.inputs[0]
+
     def step() -> None:
-        h = client(ids)
-        # Stand-in for the server's dL/dh (its values do not change memory).
-        grad_h = torch.full_like(h, 1e-3)
-        h.backward(grad_h)
-        del h, grad_h
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        p = leaf(params)
+        h = forward(module, p, ids)
+        dh = torch.full_like(h, 1e-3)  # stand-in for the server's dL/dh (values do not change memory)
+        if opt is None:
+            splitfed.client_backward_step(params, p, h, dh, cfg, work.state)
+        else:  # Adam: the algorithm's gradients, torch's update (the algorithms step with SGD)
+            grads = torch.autograd.grad(h, list(p.values()), grad_outputs=dh)
+            for t, g in zip(params.values(), grads):
+                t.grad = g
+            del grads
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 
 
-# --------------------------------------------------------------------------------------------
-# Zeroth-order, in place (MeZO)
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def perturb_in_place(params: Sequence[torch.Tensor], generator_fn: Callable[[], torch.Generator],
-                     scale: float, *, chunk_elems: int = ZO_CHUNK_ELEMS) -> None:
-    """``p += scale * u`` for every parameter, with ``u ~ N(0, I)`` regenerated from scratch.
-
-    ``generator_fn()`` must return a freshly seeded generator: calling this twice with the
-    same generator key applies the same ``u``. ``u`` is drawn ``chunk_elems`` elements at a
-    time, so the only transient buffer is one chunk (never a parameter-sized copy). Note that
-    ``+lam*u, -2*lam*u, +lam*u`` restores the parameters only up to float rounding (each
-    addition rounds to the parameter's dtype), as in MeZO.
-    """
-    g = generator_fn()
-    for p in params:
-        flat = p.view(-1) if p.is_contiguous() else None
-        if flat is None:
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype, device=p.device), alpha=scale)
-            continue
-        n = flat.numel()
-        for start in range(0, n, chunk_elems):
-            stop = min(n, start + chunk_elems)
-            z = torch.randn(stop - start, generator=g, dtype=p.dtype, device=p.device)
-            flat[start:stop].add_(z, alpha=scale)
+def zo_settings() -> ZOConfig:
+    """The ZO estimator the measured MU-SplitFed client uses: the algorithms' defaults."""
+    return ZOConfig()
 
 
-def zo_client_step(client: nn.Module, ids: torch.Tensor, *, seed: int, step_index: int = 0,
-                   lam: float = 0.005, eta: float = 0.005,
-                   server_delta: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], float]] = None,
-                   chunk_elems: int = ZO_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """One MU-SplitFed client step in place; returns ``(h, h+, h-, delta)``.
-
-    ``server_delta(h, h+, h-)`` stands for the Split Server's answer
-    ``F(x_s; h+) - F(x_s; h-)`` (a scalar); by default a fixed 1.0 (memory does not depend
-    on it). The direction ``u`` comes from ``rng.torch_generator(seed, "zo", "client",
-    step_index)`` on the parameters' device (CPU for meta parameters).
-    """
-    params = [p for p in client.parameters()]
-    dev = params[0].device
-    gdev = "cpu" if dev.type == "meta" else dev.type
-
-    def gen() -> torch.Generator:
-        return torch_generator(seed, "zo", "client", step_index, device=gdev)
-
-    with torch.no_grad():
-        h = client(ids)
-        perturb_in_place(params, gen, lam, chunk_elems=chunk_elems)
-        h_plus = client(ids)
-        perturb_in_place(params, gen, -2.0 * lam, chunk_elems=chunk_elems)
-        h_minus = client(ids)
-        perturb_in_place(params, gen, lam, chunk_elems=chunk_elems)
-        delta = 1.0 if server_delta is None else float(server_delta(h, h_plus, h_minus))
-        perturb_in_place(params, gen, -eta * delta / (2.0 * lam), chunk_elems=chunk_elems)
-    return h, h_plus, h_minus, delta
+def zo_step_seeds(s: StepSetting, step_index: int) -> list[int]:
+    """Direction seeds of the measured ZO client's ``step_index``-th step (1, 2, ...)."""
+    return [zo.zo_seed(s.seed, "memory", "client", step_index, p) for p in range(zo_settings().perturbations)]
 
 
-def _zo_step_fn(client: nn.Module, ids: torch.Tensor, s: StepSetting) -> Callable[[], None]:
+def _zo_client_step(work: ClientWork, s: StepSetting) -> Callable[[], None]:
+    """MU-SplitFed's client (``SplitRounds.zo_exchange``): h, (h+, h-) per direction, update."""
+    zc = zo_settings()
+    module, params = work.module, work.params
+    ids = work.inputs[0]
     counter = [0]
 
     def step() -> None:
         counter[0] += 1
-        zo_client_step(client, ids, seed=s.seed, step_index=counter[0], chunk_elems=s.zo_chunk)
+        seeds = zo_step_seeds(s, counter[0])
+        h = mu_splitfed.client_activation(module, params, ids)
+        pairs = []
+        for seed in seeds:
+            hp = mu_splitfed.probe_plus(module, params, ids, seed, zc.lam, zc.direction)
+            hm = mu_splitfed.probe_minus(module, params, ids, seed, zc.lam, zc.direction)
+            pairs.append((hp, hm))
+        mu_splitfed.client_zo_update(params, seeds, [ZO_DELTA] * len(seeds), zc.lam, ZO_LR, zc.direction)
+        del h, pairs  # kept until the update, as the simulated exchange keeps them
 
     return step
 
@@ -351,8 +392,14 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def saved_activation_bytes(forward: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int:
-    """Bytes autograd saves for backward while running ``forward()`` (works on ``meta``).
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages of ``tensors`` (tied weights and views count once)."""
+    seen = {id(st): st for st in (t.untyped_storage() for t in tensors)}
+    return int(sum(st.nbytes() for st in seen.values()))
+
+
+def saved_activation_bytes(forward_fn: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> int:
+    """Bytes autograd saves for backward while running ``forward_fn()`` (works on ``meta``).
 
     Each distinct storage counts once at its full size; storages of ``exclude`` (parameters,
     inputs) do not count. Saved tensors are held until the call returns, so storages are not
@@ -369,16 +416,16 @@ def saved_activation_bytes(forward: Callable[[], Any], exclude: Iterable[torch.T
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
+        out = forward_fn()
     total = int(sum(st.nbytes() for st in seen.values()))
     del out
     seen.clear()
     return total
 
 
-def zo_chunk_bytes(params: Sequence[torch.Tensor], chunk_elems: int) -> int:
-    """Bytes of the largest direction chunk ``perturb_in_place`` draws for ``params``."""
-    return max((min(p.numel(), chunk_elems) * p.element_size() for p in params), default=0)
+def zo_chunk_bytes(params: Sequence[torch.Tensor]) -> int:
+    """Bytes of the largest chunk of u that ``zo.perturb_`` draws for ``params`` (float32)."""
+    return max((min(p.numel(), zo.CHUNK_ELEMENTS) * 4 for p in params), default=0)
 
 
 def account(method: str, s: StepSetting) -> dict[str, Any]:
@@ -386,21 +433,19 @@ def account(method: str, s: StepSetting) -> dict[str, Any]:
 
     Returns params/grads/optimizer/activation bytes, ``total_bytes`` (their sum) and
     ``peak_bytes``: the peak live tensor bytes of the same step run on ``meta`` under
-    ``LiveTensorTracker`` (after a warm-up step), i.e. what an exact allocator would report.
-    For ``mu_splitfed`` the optimizer column holds the one direction chunk ``u`` that the
-    in-place update draws at a time (it has no other state), and the activations are the
-    kept ``h, h+, h-``.
+    ``StorageTracker`` (after a warm-up step), i.e. what an exact allocator would report.
+    For ``mu_splitfed`` the optimizer column holds the one chunk of ``u`` that the in-place
+    passes draw at a time (it has no other state), and the activations are the kept ``h``
+    and 2P perturbed activations.
     """
     work = build_client(method, s, device="meta")
     params = list(work.module.parameters())
-    params_bytes = _nbytes(params)
     ids, y = work.inputs
     if method == "mu_splitfed":
-        with torch.no_grad():
-            h = work.module(ids)
-        row = dict(method=method, params_bytes=params_bytes, grads_bytes=0,
-                   optimizer_bytes=zo_chunk_bytes(params, s.zo_chunk),
-                   activation_bytes=3 * h.numel() * h.element_size())
+        h = mu_splitfed.client_activation(work.module, work.params, ids)
+        row = dict(method=method, params_bytes=_nbytes(params), grads_bytes=0,
+                   optimizer_bytes=zo_chunk_bytes(params),
+                   activation_bytes=(1 + 2 * zo_settings().perturbations) * h.numel() * h.element_size())
         del h
     else:
         trainable_bytes = _nbytes(work.trainable)
@@ -409,11 +454,11 @@ def account(method: str, s: StepSetting) -> dict[str, Any]:
         else:
             opt_bytes = trainable_bytes if s.momentum > 0 else 0
         if method == "splitfed":
-            fwd = lambda: work.module(ids)  # noqa: E731
+            fwd = lambda: forward(work.module, leaf(work.params), ids)  # noqa: E731
         else:
             fwd = lambda: nn.functional.cross_entropy(work.module(ids).float(), y)  # noqa: E731
         act = saved_activation_bytes(fwd, exclude=params + [ids, y])
-        row = dict(method=method, params_bytes=params_bytes, grads_bytes=trainable_bytes,
+        row = dict(method=method, params_bytes=_nbytes(params), grads_bytes=trainable_bytes,
                    optimizer_bytes=opt_bytes, activation_bytes=act)
     row["total_bytes"] = (row["params_bytes"] + row["grads_bytes"] + row["optimizer_bytes"]
                           + row["activation_bytes"])
@@ -424,87 +469,15 @@ def account(method: str, s: StepSetting) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Measuring a real step
 # --------------------------------------------------------------------------------------------
-def _persistent_bytes(work: ClientWork) -> int:
-    tensors: list[torch.Tensor] = list(work.module.parameters()) + list(work.module.buffers())
-    tensors += work.inputs
-    if work.optimizer is not None:
-        for state in work.optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    # Distinct storages (tied weights count once).
-    seen: dict[int, int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st._cdata] = st.nbytes()
-    return int(sum(seen.values()))
-
-
-class LiveTensorTracker(TorchDispatchMode):
-    """Counts the bytes of live tensor storages and their peak (works on cpu and meta).
-
-    Every storage an op returns (and every tensor given to ``track``) is counted once at its
-    full size until the storage is freed (a weakref callback). The peak is taken after each
-    op, while the op's inputs are still alive, as a caching allocator would see it. Memory
-    that is not a tensor storage (kernel scratch outside tensors, allocator slack, the Python
-    heap) is not seen; ``UntypedStorage.resize_`` outside dispatch is not seen either.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, tuple[weakref.ref, int]] = {}
-        self.current = 0
-        self.peak = 0
-        self.largest_new = 0  # largest storage created inside the tracker
-
-    def track(self, *tensors: torch.Tensor) -> None:
-        """Count tensors created before the tracker was entered (parameters, inputs, state)."""
-        for t in tensors:
-            self._add(t)
-        self.peak = max(self.peak, self.current)
-        self.largest_new = 0
-
-    def _freed(self, key: int, ref: weakref.ref) -> None:
-        entry = self._live.get(key)
-        if entry is not None and entry[0] is ref:
-            del self._live[key]
-            self.current -= entry[1]
-
-    def _add(self, t: torch.Tensor) -> None:
-        if not isinstance(t, torch.Tensor):
-            return
-        st = t.untyped_storage()
-        key = id(st)
-        entry = self._live.get(key)
-        if entry is not None and entry[0]() is st:
-            return
-        nbytes = int(st.nbytes())
-        ref = weakref.ref(st, lambda r, key=key: self._freed(key, r))
-        self._live[key] = (ref, nbytes)
-        self.current += nbytes
-        self.largest_new = max(self.largest_new, nbytes)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in _flatten_tensors(out):
-            self._add(t)
-        if self.current > self.peak:
-            self.peak = self.current
-        return out
-
-
-def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    leaves, _ = tree_flatten(obj)
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
-
-
 def _state_tensors(work: ClientWork) -> list[torch.Tensor]:
+    """Everything that exists between steps: parameters, buffers, inputs, optimizer state, grads."""
     tensors: list[torch.Tensor] = list(work.module.parameters()) + list(work.module.buffers())
-    tensors += list(work.inputs)
+    tensors += list(work.params.values()) + list(work.inputs)
+    tensors += [v for v in work.state.values() if isinstance(v, torch.Tensor)]
     if work.optimizer is not None:
         for state in work.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    tensors += [p.grad for p in work.module.parameters() if p.grad is not None]
+    tensors += [t.grad for t in tensors if t.grad is not None]
     return tensors
 
 
@@ -512,12 +485,11 @@ def measure_tracker(work: ClientWork, *, warmup: bool = True) -> int:
     """Peak live tensor bytes of one step (after a warm-up step), on cpu or meta."""
     if warmup:
         work.step()  # creates optimizer state, as in a steady-state round
-    # No gc.collect() needed: only storages created inside or passed to track() count.
-    tracker = LiveTensorTracker()
-    tracker.track(*_state_tensors(work))
+    # No gc.collect() needed: only storages created inside or held at entry count.
+    tracker = StorageTracker(held=_state_tensors(work))
     with tracker:
         work.step()
-    return int(tracker.peak)
+    return int(tracker.peak_total)
 
 
 def measure_cuda(work: ClientWork) -> int:
@@ -552,7 +524,7 @@ def _rss_worker(args: dict[str, Any], out_path: str) -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc_trim(0)
     base_kib = _read_status_kib("VmRSS")
-    persistent = _persistent_bytes(work)
+    persistent = _storage_bytes(_state_tensors(work))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     work.step()
@@ -576,11 +548,11 @@ def measure_rss(method: str, s: StepSetting, *, threads: Optional[int] = None,
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["MALLOC_TRIM_THRESHOLD_"] = "0"
     env.setdefault("HF_HUB_OFFLINE", "1")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rss.json")
-        code = ("import json,sys; from simulator.memory import _rss_worker; "
+        code = (f"import json,sys; from {__name__} import _rss_worker; "
                 "_rss_worker(json.loads(sys.argv[1]), sys.argv[2])")
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(args), out], env=env,
                               cwd=root, capture_output=True, text=True, timeout=timeout_s)
@@ -640,7 +612,7 @@ def memory_table(
     s = StepSetting(model_kind=model_kind, cut=cut, batch=batch, seq_len=seq_len,
                     config=config, local_path=local_path, dtype=dtype, optimizer=optimizer,
                     momentum=momentum, lora_r=lora_r, num_classes=num_classes, seed=seed)
-    methods = tuple(methods) if methods is not None else DEFAULT_METHODS
+    methods = tuple(methods) if methods is not None else METHODS
     for m in methods:
         _check_method(m)
     rows = []
@@ -657,40 +629,3 @@ def memory_table(
         if measure else None
     )
     return df
-
-
-class NewStorageTracker(TorchDispatchMode):
-    """Bytes of tensor storages created inside the mode and still alive: now, peak, largest.
-
-    Storages of ``known`` tensors (parameters, inputs) are never counted, so in-place updates
-    of the parameters count nothing: what remains is what a step allocates beyond the model.
-    Used to show that a ZO step holds no parameter-sized buffer.
-    """
-
-    def __init__(self, known: Sequence[torch.Tensor]):
-        super().__init__()
-        self._known = {id(t.untyped_storage()) for t in known}
-        self._keep = [t.untyped_storage() for t in known]  # keep their ids valid
-        self._live: dict[int, int] = {}
-        self.current = self.peak = self.largest = 0
-
-    def _freed(self, key: int) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.utils._pytree import tree_flatten
-
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = id(st)
-                if key in self._known or key in self._live:
-                    continue
-                n = int(st.nbytes())
-                self._live[key] = n
-                weakref.finalize(st, self._freed, key)
-                self.current += n
-                self.largest = max(self.largest, n)
-        self.peak = max(self.peak, self.current)
-        return out

