@@ -102,7 +102,7 @@ def test_golden_timeline_v2_has_no_server_average():
 def test_v2_server_steps_follow_arrival_order():
     """In V2 the real server steps happen in simulated arrival order (client 0 first here)."""
     r = run_scenario(golden(name="splitfed_v2"))
-    steps = [(e[5], e[0]) for e in r.recorder.events if e[2] == "server_step"]
+    steps = [(e.start_s, e.client) for e in r.recorder.events if e.kind == "server_step"]
     assert [c for _, c in sorted(steps)] == [0, 1]
 
 
