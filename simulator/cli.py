@@ -3,7 +3,8 @@
 This is the only layer that prints and exits. Every ``UserError`` (bad scenario key, type or
 value, malformed ``--set``, missing dataset) becomes one line on stderr and exit code 2;
 a diverged run (NaN/inf loss or parameter) one line and exit code 3; Ctrl-C becomes exit code
-130 after the run has flushed what it recorded. ``EPILOG`` and README.md list the codes.
+130 (SIGTERM 143) after the run has flushed and landed what it recorded. ``EPILOG`` and README.md
+list the codes.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 from simulator import experiments, rundir
-from simulator.errors import UserError
+from simulator.errors import Terminated, UserError
 
 EPILOG = """examples:
   sflsim run scenarios/quickstart.yaml
   sflsim run scenarios/quickstart.yaml --out runs/qs --seed 3 --set stop.rounds=5
   sflsim run scenarios/quickstart.yaml --set algorithm.name=splitfed_v2 --set time.server.capacity=null
+  sflsim run scenarios/quickstart.yaml --out runs/qs --overwrite
+  sflsim verify runs/qs
   sflsim validate scenarios/*.yaml
   sflsim schema > sflsim-scenario.schema.json
   sflsim memory --model opt-1.3b --cut 2 --batch 32 --seq-len 32
@@ -34,11 +37,20 @@ Scenario keys are documented in docs/scenarios.md.
 exit codes:
   0    ok (compare/sweep: every run completed or diverged; diverged runs get a note line)
   1    a run failed (a bug or an unexpected error; compare/sweep: some run failed)
-  2    bad input (scenario key, --set, flag, missing file or dataset)
+  2    bad input (scenario key, --set, flag, missing file or dataset, an unusable --out)
   3    run: the training diverged (NaN/inf); outputs and summary.json are kept
-  130  interrupted (Ctrl-C or SIGTERM); what was recorded is kept"""
+  130  interrupted (Ctrl-C); what was recorded is kept (run: summary.json says interrupted)
+  143  terminated (SIGTERM, e.g. by a batch system); kept as for Ctrl-C
+run --out DIR: the run is written beside DIR and moved into place when it ends; a DIR that holds
+a run is refused (exit 2) unless --overwrite; every run's timeline is verified (sflsim verify)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention
+
+
+def _interrupted_code(e: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (raised as ``Terminated``, a KeyboardInterrupt)."""
+    return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,11 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one scenario and write its traces, summary and plot",
                        description="Run one scenario. Writes scenario.yaml, metrics.csv, events.csv, "
-                                   "summary.json and accuracy_vs_time.png to --out.",
-                       epilog="exit codes: 0 ok, 1 the run failed (a bug), 2 bad input, 3 the training diverged "
-                              "(NaN/inf; outputs kept, summary.json says where), 130 interrupted")
+                                   "summary.json and accuracy_vs_time.png to --out: into OUT.partial-<pid> "
+                                   "beside it, moved into place when the run ends, then verified "
+                                   "(sflsim verify).",
+                       epilog="exit codes: 0 ok, 1 the run failed (a bug; it lands with traceback.txt), 2 bad "
+                              "input (also an --out that holds a run, without --overwrite), 3 the training "
+                              "diverged (NaN/inf; outputs kept, summary.json says where), 130 interrupted "
+                              "(Ctrl-C), 143 terminated (SIGTERM)")
     p.add_argument("scenario", help="scenario YAML file")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<scenario file name>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<scenario file name>); "
+                                               "must not hold files unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out, as a whole, once the new run completes or diverges (a "
+                        "run that fails or is interrupted lands beside it as OUT.failed-<time> / "
+                        "OUT.interrupted-<time>, and the old run stays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_scenario_args(p)
     p.set_defaults(func=cmd_run)
@@ -91,23 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list algorithms, datasets and models")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("verify", help="check a run folder's timeline (what every run checks when it ends)",
+                       description="Checks events.csv, metrics.csv, summary.json and scenario.yaml of a run "
+                                   "folder: no overlapping compute per client or messages per link, server "
+                                   "jobs within time.server.capacity, finite spans, rising sequence numbers, "
+                                   "summary totals equal to the event log, monotone metrics (docs/verify.md).",
+                       epilog="exit codes: 0 every invariant holds, 1 some does not (one line each), 2 not a "
+                              "run folder")
+    p.add_argument("run_dir", help="a run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
+    p.set_defaults(func=cmd_verify)
     _add_memory_command(sub)
     add_batch_commands(sub)  # compare, sweep, report
     return parser
 
 
 def cmd_run(args) -> int:
-    from simulator.runner import divergence_warning_muted, run_scenario
+    from simulator.runner import divergence_warning_muted, landed_in, run_scenario
     from simulator.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.overrides, seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / Path(args.scenario).stem
+    _preflight_run(scenario, out, getattr(args, "overwrite", False))  # before any output is touched
     try:
         with divergence_warning_muted():  # said below, in one line
-            result = run_scenario(scenario, out, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"sflsim: interrupted; what was recorded is in {out}/", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            result = run_scenario(scenario, out, progress=not args.no_progress, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        where = landed_in(e)
+        kept = f"what was recorded is in {where}/" if where else "nothing was recorded"
+        if where is not None and where != out:
+            kept += f" ({out}/ is unchanged)"
+        print(f"sflsim: interrupted; {kept}", file=sys.stderr)
+        return _interrupted_code(e)
     s = result.summary
     if s.get("status") == "diverged":
         why = str(result.diverged) if result.diverged is not None else "diverged"
@@ -122,13 +158,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _preflight_run(scenario, out: Path, overwrite: bool) -> None:
+    """What ``run`` would refuse after it started, refused now (UserError: one line, exit 2)."""
+    from simulator.preflight import preflight
+
+    preflight(scenario)
+    rundir.check_out_dir(out, overwrite)
+
+
 def cmd_validate(args) -> int:
+    """Everything ``run`` checks before training: the schema, then ``preflight`` (files, sizes, draws)."""
+    from simulator.preflight import preflight
     from simulator.scenario import load_scenario, to_yaml
 
     failed = 0
     for path in args.scenarios:
         try:
             s = load_scenario(path, args.overrides, seed=args.seed)
+            preflight(s)
         except UserError as e:
             print(f"{path}: {e}", file=sys.stderr)
             failed += 1
@@ -263,6 +310,20 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """The timeline invariants of one run folder: "ok: N events checked", or one line per violation."""
+    from simulator.verify import load_run, check
+
+    data, missing = load_run(args.run_dir)
+    violations = missing + check(data)
+    if violations:
+        for v in violations:
+            print(f"{args.run_dir}: {v}")
+        return EXIT_FAILED
+    print(f"ok: {len(data.events)} events checked")
+    return EXIT_OK
+
+
 def cmd_list(args) -> int:
     """The registries: algorithms, datasets (and their kind), models (kind and valid cuts)."""
     from models.registry import MODELS
@@ -307,7 +368,8 @@ def _add_batch_args(p) -> None:
 
 
 BATCH_EXIT_CODES = ("exit codes: 0 every run completed or diverged (diverged runs are results: a note line, "
-                    "status diverged in runs.csv), 1 some run failed, 2 bad input, 130 interrupted")
+                    "status diverged in runs.csv), 1 some run failed, 2 bad input, 130 interrupted (Ctrl-C), "
+                    "143 terminated (SIGTERM)")
 
 
 def add_batch_commands(sub) -> None:
@@ -404,10 +466,10 @@ def _run_cli(plan: experiments.Plan, out: Path, args) -> int:
         result = experiments.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler,
                                        threads=args.threads, progress=not args.no_progress,
                                        overwrite=args.overwrite, command=sys.argv[:])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"sflsim: interrupted; finished runs are kept in {out}/{rundir.RUNS}/, run the same command again to "
               "resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted_code(e)
     n = len(result.outcomes)
     diverged = result.diverged
     print(f"{plan.kind}: {n} runs in {out}/ ({result.count('completed')} ran now, {result.count('reused')} "
@@ -465,7 +527,7 @@ def cmd_report(args) -> int:
 
 
 def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised via subprocess
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,9 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sflsim: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("sflsim: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted_code(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,3 +47,7 @@ class Diverged(RuntimeError):
     def info(self) -> dict:
         return {"what": self.what, "round": self.round, "local_step": self.local_step, "party": self.party,
                 "client": self.client}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system, ``kill``): stops a run like Ctrl-C does, and exits 143, not 130."""

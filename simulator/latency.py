@@ -10,6 +10,7 @@ same scenario and seed sees the same device speeds and the same k-th delay of ea
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 
 from simulator import rng
-from simulator.config import Distribution, Uniform, as_distribution
+from simulator.config import MAX_NUMBER, MIN_BANDWIDTH_MBPS, MIN_FLOPS_PER_S, Distribution, Uniform, as_distribution
 from simulator.errors import CostError, ScenarioError
 
 #: Operation categories. ``category_of(kind)`` maps every op kind to one of these.
@@ -284,35 +285,107 @@ def _per_client(value, num_clients: int, seed: int, what: str) -> list[float]:
     return [dist.sample(rng.generator(seed, "time", what, c)) for c in range(num_clients)]
 
 
-def read_trace_csv(path: str, num_clients: int) -> list[tuple]:
-    """Rows (client, start_s, end_s, speed_factor, bandwidth_bps) from a trace CSV."""
+#: The columns a trace CSV may have: the first three always, then one or both of the last two.
+TRACE_COLUMNS = ("client", "start_s", "end_s", "speed_factor", "bandwidth_mbps")
+
+
+def read_trace_csv(path: str, num_clients: int, speeds: Optional[Sequence[float]] = None) -> list[tuple]:
+    """Rows (client, start_s, end_s, speed_factor, bandwidth_bps) from a trace CSV.
+
+    Strict, so that no row is lost and none is misread: UTF-8 text; a header of
+    ``TRACE_COLUMNS`` names (client, start_s, end_s and at least one of speed_factor,
+    bandwidth_mbps; nothing else, none twice); every row as many cells as the header;
+    ``client`` an integer in [0, num_clients); times finite, ``0 <= start_s < end_s`` (an
+    empty end_s: until the run ends); factors finite and > 0, bandwidths at least
+    MIN_BANDWIDTH_MBPS; a row sets speed_factor or bandwidth_mbps (or both). Blank lines are
+    skipped. With the clients' device ``speeds``, a speed_factor must also leave the device
+    at least MIN_FLOPS_PER_S. The first bad cell is a ScenarioError on ``time.trace_csv``
+    naming the file, the line and the column. speed_factor or bandwidth is NaN in a row that
+    leaves it empty.
+    """
+    key = "time.trace_csv"
     p = Path(path)
     if not p.is_file():
-        raise ScenarioError("time.trace_csv", f"file not found: {p}")
-    rows = []
-    with p.open(newline="") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        need = {"client", "start_s", "end_s"}
-        if not need <= cols or not ({"speed_factor", "bandwidth_mbps"} & cols):
-            raise ScenarioError(
-                "time.trace_csv",
-                f"{p}: expected columns client,start_s,end_s and speed_factor and/or bandwidth_mbps, got {sorted(cols)}",
-            )
-        for n, r in enumerate(reader, start=2):
+        raise ScenarioError(key, f"file not found: {p}" + (" (relative paths are read from the working folder "
+                                                          f"{Path.cwd()})" if not p.is_absolute() else ""))
+    try:
+        data = p.read_bytes()
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ScenarioError(key, f"{p} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    except OSError as e:
+        raise ScenarioError(key, f"{p}: cannot read ({e.strerror})") from None
+
+    def bad(line: int, column: str | None, what: str) -> ScenarioError:
+        where = f"{p} line {line}" + (f", column {column}" if column else "")
+        return ScenarioError(key, f"{where}: {what}")
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise bad(1, None, f"empty file; expected a header {','.join(TRACE_COLUMNS)}")
+        header = [h.strip() for h in header]
+        for h in header:
+            if h not in TRACE_COLUMNS:
+                raise bad(1, h or "(empty)", f"unknown column; expected client, start_s, end_s and speed_factor "
+                                             f"and/or bandwidth_mbps")
+            if header.count(h) > 1:
+                raise bad(1, h, "column appears twice")
+        missing = [c for c in TRACE_COLUMNS[:3] if c not in header]
+        if missing or not {"speed_factor", "bandwidth_mbps"} & set(header):
+            need = ", ".join(missing) if missing else "speed_factor or bandwidth_mbps"
+            raise bad(1, None, f"the header lacks {need} (columns: client, start_s, end_s and speed_factor "
+                               f"and/or bandwidth_mbps)")
+        rows = []
+        for row in reader:
+            n = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise bad(n, None, f"{len(row)} cells, expected {len(header)} ({','.join(header)})")
+            cell = dict(zip(header, (c.strip() for c in row)))
+
+            def number(col: str, *, empty=None, low=None, above=None) -> float:
+                raw = cell.get(col, "")
+                if raw == "":
+                    if empty is None:
+                        raise bad(n, col, "empty; a number is needed")
+                    return empty
+                try:
+                    v = float(raw)
+                except ValueError:
+                    raise bad(n, col, f"{raw!r} is not a number") from None
+                if not math.isfinite(v):
+                    raise bad(n, col, f"{raw!r} is not a finite number")
+                if low is not None and v < low:
+                    raise bad(n, col, f"{raw} is below {low:g}")
+                if above is not None and not v > above:
+                    raise bad(n, col, f"{raw} must be greater than {above:g}")
+                if abs(v) > MAX_NUMBER:
+                    raise bad(n, col, f"{raw} is more than {MAX_NUMBER:g}")
+                return v
+
+            raw_client = cell["client"]
             try:
-                c = int(r["client"])
-                s, e = float(r["start_s"]), float(r["end_s"] or "inf")
-                sf = float(r["speed_factor"]) if r.get("speed_factor") not in (None, "") else math.nan
-                bw = float(r["bandwidth_mbps"]) * 1e6 if r.get("bandwidth_mbps") not in (None, "") else math.nan
-            except ValueError as ex:
-                raise ScenarioError("time.trace_csv", f"{p} line {n}: {ex}") from None
-            if not 0 <= c < num_clients or not e > s or (sf == sf and sf <= 0) or (bw == bw and bw <= 0):
-                raise ScenarioError(
-                    "time.trace_csv",
-                    f"{p} line {n}: need 0 <= client < {num_clients}, end_s > start_s, positive factors",
-                )
-            rows.append((c, s, e, sf, bw))
+                c = int(raw_client)
+            except ValueError:
+                raise bad(n, "client", f"{raw_client!r} is not a client number (an integer)") from None
+            if not 0 <= c < num_clients:
+                raise bad(n, "client", f"{c} is not a client: data.num_clients is {num_clients} (ids 0..{num_clients - 1})")
+            s = number("start_s", low=0.0)
+            e = number("end_s", empty=math.inf, above=s)
+            sf = number("speed_factor", empty=math.nan, above=0.0)
+            bw = number("bandwidth_mbps", empty=math.nan, low=MIN_BANDWIDTH_MBPS)
+            if math.isnan(sf) and math.isnan(bw):
+                raise bad(n, None, "sets neither speed_factor nor bandwidth_mbps; the row would do nothing")
+            if speeds is not None and not math.isnan(sf) and not speeds[c] * sf >= MIN_FLOPS_PER_S:
+                raise bad(n, "speed_factor", f"{sf:g} makes client {c} compute at {speeds[c] * sf:.3g} FLOP/s; "
+                                             f"at least {MIN_FLOPS_PER_S:g} FLOP/s")
+            rows.append((c, s, e, sf, bw * 1e6))
+    except csv.Error as ex:
+        raise bad(reader.line_num, None, f"not valid CSV ({ex})") from None
     return rows
 
 
@@ -364,6 +437,23 @@ def _speed_distribution(time_cfg) -> Distribution:
     return Uniform(dist="uniform", low=lo, high=hi)
 
 
+def check_draws(time_cfg, speeds: Sequence[float], tier_of: Sequence[str], up_bps: Sequence[float],
+                down_bps: Sequence[float]) -> None:
+    """Every drawn device speed at least MIN_FLOPS_PER_S and bandwidth at least
+    MIN_BANDWIDTH_MBPS, all finite: a ScenarioError naming the key and the client otherwise."""
+    for c, speed in enumerate(speeds):
+        if not (MIN_FLOPS_PER_S <= speed <= MAX_NUMBER):
+            tier = f" (times tier {tier_of[c]!r}'s speed_factor)" if tier_of[c] else ""
+            raise ScenarioError("time.client.flops_per_s", f"client {c} drew a device speed of {speed:.3g} FLOP/s"
+                                f"{tier}; every speed must be in [{MIN_FLOPS_PER_S:g}, {MAX_NUMBER:g}] FLOP/s")
+    for direction, bps in (("uplink", up_bps), ("downlink", down_bps)):
+        for c, b in enumerate(bps):
+            if not (MIN_BANDWIDTH_MBPS * 1e6 <= b <= MAX_NUMBER * 1e6):
+                raise ScenarioError(f"time.network.{direction}.bandwidth_mbps",
+                                    f"client {c} drew a bandwidth of {b / 1e6:.3g} Mbit/s; every bandwidth must be "
+                                    f"in [{MIN_BANDWIDTH_MBPS:g}, {MAX_NUMBER:g}] Mbit/s")
+
+
 def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
     """Base models from the scenario's ``time`` section, wrapped by its episodes and trace."""
     speeds, tier_of = draw_client_speeds(time_cfg, num_clients, seed)
@@ -376,11 +466,7 @@ def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
         down_bps = list(up_bps)
         up_lat = [0.0] * num_clients
         down_lat = [0.0] * num_clients
-    for c in range(num_clients):
-        if not speeds[c] > 0:
-            raise ScenarioError("time.client.flops_per_s", f"client {c} drew a device speed of {speeds[c]}; must be > 0")
-        if not (up_bps[c] > 0 and down_bps[c] > 0):
-            raise ScenarioError("time.network", f"client {c} drew a zero bandwidth; bandwidth must be > 0")
+    check_draws(time_cfg, speeds, tier_of, up_bps, down_bps)
 
     rng_cost = float(time_cfg.zo_rng_flops_per_element)
     compute: LatencyModel = ClientCompute(speeds, as_distribution(time_cfg.client.delay_s), seed, rng_cost)
@@ -400,7 +486,7 @@ def build_time_model(time_cfg, num_clients: int, seed: int) -> TimeModel:
             if ep.direction in ("downlink", "both"):
                 downlink = BandwidthChange(downlink, clients, bps, down_lat, ep.start_s, end)
     if time_cfg.trace_csv:
-        rows = read_trace_csv(time_cfg.trace_csv, num_clients)
+        rows = read_trace_csv(time_cfg.trace_csv, num_clients, speeds)
         speed_rows = [(c, s, e, f) for c, s, e, f, _ in rows if not math.isnan(f)]
         bw_rows = [(c, s, e, b) for c, s, e, _, b in rows if not math.isnan(b)]
         if speed_rows:

@@ -8,6 +8,14 @@ for), ``runs.csv`` (the status of every run) and ``runs/``. A batch run is writt
 ``runs/<id>.partial/`` and renamed to ``runs/<id>/`` when it finished (completed or diverged), or
 to ``runs/<id>.failed/`` (with ``traceback.txt``) when it raised.
 
+A single run (``sflsim run --out DIR``, ``run_scenario(s, DIR)``) lands the same way: it is written
+into ``DIR.partial-<pid>`` beside DIR and moved into place when it ends (``open_run``,
+``land_run``). An existing DIR with files is refused (``check_out_dir``) unless ``overwrite``;
+then the old folder is replaced as a whole at the very end, and only by a run that finished
+(completed or diverged): a run that failed or was interrupted lands beside it as
+``DIR.failed-<time>`` / ``DIR.interrupted-<time>`` and the old run stays. No folder ever holds a
+mix of two runs.
+
 This module reads and writes those folders; it takes folders, run ids, labels and fingerprints,
 never plan objects, and imports nothing from ``simulator.experiments`` (which plans and runs
 batches), the runner or ``analysis/`` (which read what lands here).
@@ -38,6 +46,11 @@ SUMMARY = "summary.json"
 FIGURE = "accuracy_vs_time.png"
 RUN_META = "run.json"  # a batch run's labels, status and fingerprint
 TRACEBACK = "traceback.txt"  # in a failed run's folder
+# Siblings of a single run's folder DIR (sflsim run --out DIR)
+RUN_PARTIAL = ".partial-"  # DIR.partial-<pid>: being written
+RUN_REPLACED = ".replaced-"  # DIR.replaced-<pid>: the old run, for a moment, while --overwrite lands
+RUN_BESIDE = {"failed": ".failed-", "interrupted": ".interrupted-"}  # DIR.<status>-<UTC time>: kept old DIR
+RUN_FILES = (SCENARIO, SUMMARY, EVENTS, METRICS)  # any of these: a folder holds a run
 
 FINISHED = ("completed", "diverged")  # a run's end states that a re-run reuses
 RUNS_CSV_COLUMNS = ("run_id", "status", "algorithm", "variant", "seed", "final_accuracy", "sim_time_s", "rounds",
@@ -86,6 +99,139 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# A single run's folder: checked before anything runs, written beside, landed at the end
+# --------------------------------------------------------------------------------------------
+def _is_within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output folder a run cannot (or must not) land in; return it as a Path.
+
+    A UserError (one line, exit 2), with no side effect, when ``path`` is a file, lies under a
+    file, cannot be created or written (the nearest existing folder above it is not writable),
+    is (or contains) the working directory, or is a folder with files in it and ``overwrite`` is
+    false. With ``overwrite`` a folder is replaced only if it holds a run (scenario.yaml,
+    summary.json, events.csv or metrics.csv). An empty folder is fine.
+    """
+    from simulator.errors import UserError
+
+    out = Path(path)
+    where = f"--out {out}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{where}: is a file, not a folder")
+    top = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), None)
+    if top is None:  # pragma: no cover - the root always exists
+        raise UserError(f"{where}: no existing folder above it")
+    if not top.is_dir():
+        raise UserError(f"{where}: {top} is a file, so no folder can be made under it")
+    parent = out.absolute().parent if out.exists() else top
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: cannot write in {parent} (permission denied)")
+    if not out.is_dir():
+        return out
+    if _is_within(Path.cwd().resolve(), out.resolve()):  # a run lands by renaming folders: never this one
+        raise UserError(f"{where}: is (or contains) the working directory; choose a folder inside it")
+    try:
+        entries = sorted(e.name for e in out.iterdir())
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the folder ({e.strerror})") from None
+    if not entries:
+        return out
+    summary = read_json(out / SUMMARY) or {}
+    holds_run = any((out / f).is_file() for f in RUN_FILES)
+    what = (f"already holds a run (status {summary['status']})" if summary.get("status")
+            else "already holds a run" if holds_run else f"is not empty ({len(entries)} entries, e.g. {entries[0]})")
+    if not overwrite:
+        raise UserError(f"{where}: {what}; pass --overwrite to replace it when the new run finishes, "
+                        "or choose another folder")
+    if not holds_run:
+        raise UserError(f"{where}: {what} and holds no run (no {', '.join(RUN_FILES)}); "
+                        "--overwrite replaces only a run folder")
+    return out
+
+
+def run_partial(out: str | Path) -> Path:
+    """``DIR.partial-<pid>``: where this process writes the run that lands in ``DIR``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}{RUN_PARTIAL}{os.getpid()}")
+
+
+def run_partials(out: str | Path) -> list[Path]:
+    """Partial folders of ``DIR`` (this and other processes'; a killed run leaves one)."""
+    out = Path(out)
+    return sorted(out.parent.glob(f"{out.name}{RUN_PARTIAL}*")) if out.parent.is_dir() else []
+
+
+def open_run(out: str | Path, overwrite: bool = False) -> Path:
+    """Check ``out`` (``check_out_dir``), then make a fresh empty ``DIR.partial-<pid>`` (returned)."""
+    out = check_out_dir(out, overwrite)
+    partial = run_partial(out)
+    shutil.rmtree(partial, ignore_errors=True)  # a leftover of this pid (an earlier process)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _holds_files(path: Path) -> bool:
+    return path.is_dir() and any(True for _ in path.iterdir())
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing what is there as a whole (never a mix)."""
+    if not dst.exists() or (dst.is_dir() and not _holds_files(dst)):
+        os.replace(src, dst)  # rename(2) replaces an empty folder atomically
+        return
+    old = dst.with_name(f"{dst.name}{RUN_REPLACED}{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)  # put the old run back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def beside(out: str | Path, status: str) -> Path:
+    """``DIR.failed-<UTC time>`` (or ``.interrupted-``): a free name beside ``DIR``."""
+    out = Path(out)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out.with_name(f"{out.name}{RUN_BESIDE[status]}{stamp}")
+    n = 2
+    while path.exists():
+        path = out.with_name(f"{out.name}{RUN_BESIDE[status]}{stamp}-{n}")
+        n += 1
+    return path
+
+
+def land_run(partial: str | Path, out: str | Path, status: str, traceback_text: Optional[str] = None,
+             error: str = "") -> Path:
+    """Move a single run's partial folder into place when it ends; return where it landed.
+
+    ``completed``/``diverged``: to ``out``, replacing an old run there as a whole.
+    ``failed`` (with ``traceback.txt`` and ``failed`` in its summary) or ``interrupted``: to
+    ``out`` if that holds no files, else beside it (``beside``), so an old run is never lost
+    to a run that did not finish.
+    """
+    partial, out = Path(partial), Path(out)
+    if status == "failed":
+        (partial / TRACEBACK).write_text(traceback_text or "")
+        mark_summary_failed(partial, error)
+    if status in FINISHED or not _holds_files(out):
+        _replace_dir(partial, out)
+        return out
+    dest = beside(out, status)
+    os.replace(partial, dest)
+    return dest
+
+
+def discard_run(partial: str | Path) -> None:
+    """Remove a partial folder of a run that never started (bad input found during set-up)."""
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +289,7 @@ def land_finished(runs_dir: str | Path, run_id: str, meta: dict) -> Path:
     (returned), replacing a finished run from other inputs or an unfinished leftover."""
     paths = run_paths(runs_dir, run_id)
     write_json_atomic(paths.partial / RUN_META, meta)
-    if paths.final.exists():
-        shutil.rmtree(paths.final)
-    os.replace(paths.partial, paths.final)
+    _replace_dir(paths.partial, paths.final)
     return paths.final
 
 

@@ -9,6 +9,10 @@ A ``Diverged`` raised by the algorithm (a NaN/inf loss or parameter) is a result
 the run returns normally with ``"status": "diverged"``, ``"stop_reason": "diverged"`` and
 ``"diverged": {what, round, local_step, party, client}``; every output is kept, and the NaN
 model is not evaluated again.
+
+The folder is written beside ``out_dir`` and lands whole when the run ends (``simulator.rundir``:
+an existing run is refused without ``overwrite``, and never replaced by a run that did not
+finish); then the timeline is checked (``simulator.verify``), and a violation fails the run.
 """
 from __future__ import annotations
 
@@ -26,14 +30,15 @@ import torch
 
 # Text-model knowledge lives in models/ (models.text.check_fit, ServerWithMask; profile_text_cut).
 from models.profile import profile_text_cut
-from simulator import rundir
+from simulator import rundir, verify
 from simulator.algorithms import ALGORITHMS
 from simulator.algorithms.common import RunContext
 from simulator.engine import Simulation
-from simulator.errors import Diverged, ScenarioError
+from simulator.errors import Diverged, ScenarioError, Terminated, UserError
 from simulator.latency import build_time_model
 from simulator.scenario import Scenario, to_yaml
 from simulator.trace import Recorder
+from simulator.verify import TimelineError
 
 log = logging.getLogger(__name__)
 
@@ -204,32 +209,123 @@ class _Controller:
             self.bar.close()
 
 
-def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = False) -> RunResult:
-    """Run a validated scenario; write outputs to ``out_dir`` (if given) and return the result."""
-    host_start = _time.perf_counter()
-    if scenario.threads:
-        torch.set_num_threads(scenario.threads)
-    device = resolve_device(scenario.device)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / rundir.SCENARIO).write_text(to_yaml(scenario))
-        for stale in (rundir.SUMMARY, rundir.FIGURE):
-            (out / stale).unlink(missing_ok=True)
-    spec = ALGORITHMS[scenario.algorithm.name]
-    recorder = Recorder(out)
-    time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
-    sim = Simulation(time_model, recorder, scenario.time.server.capacity)
-    status = "completed"
-    ctx = algo = ctl = None
-    diverged: Optional[Diverged] = None
+def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = False,
+                 overwrite: bool = False, in_place: bool = False) -> RunResult:
+    """Run a validated scenario; write outputs to ``out_dir`` (if given) and return the result.
+
+    The run is written into ``DIR.partial-<pid>`` beside ``out_dir`` and moved into place when it
+    ends (``simulator.rundir``): completed, diverged, interrupted or failed (then with
+    ``traceback.txt``). An ``out_dir`` with files in it is refused (a ``UserError``, before
+    anything runs) unless ``overwrite``; then the old folder is replaced as a whole at the end,
+    and only by a run that completed or diverged (one that failed or was interrupted lands beside
+    it as ``DIR.failed-<time>`` / ``DIR.interrupted-<time>``). Bad input found during set-up (a
+    ``UserError``) leaves nothing behind. Every run's timeline is verified (``simulator.verify``)
+    after its outputs are written; a violation fails the run with a ``TimelineError``.
+    ``in_place``: write straight into ``out_dir``, which the caller lands (a batch's
+    ``runs/<id>.partial/``). Where the run landed is ``RunResult.out_dir``; an exception raised
+    after set-up carries it as ``landed_in(exc)``.
+    """
+    final = Path(out_dir) if out_dir is not None else None
+    if final is None or in_place:
+        if final is not None:
+            final.mkdir(parents=True, exist_ok=True)
+        result = _execute(scenario, final, final, progress)
+        _verify(result, scenario)
+        return result
+    partial = rundir.open_run(final, overwrite)
     try:
+        result = _execute(scenario, partial, final, progress)
+        _verify(result, scenario, final)
+    except UserError as e:
+        if not getattr(e, "sflsim_recorded", False):  # bad input found in set-up: nothing ran, nothing kept
+            rundir.discard_run(partial)
+            raise
+        _land_failed(partial, final, e)
+        raise
+    except KeyboardInterrupt as e:
+        try:
+            _verify_folder(partial, final, require_files=False)  # Ctrl-C may come before a file is written
+        except TimelineError as bug:
+            _land_failed(partial, final, bug)
+            raise bug from e
+        e.sflsim_out_dir = rundir.land_run(partial, final, "interrupted")
+        if e.sflsim_out_dir != final:
+            log.warning("%s is unchanged; the interrupted run is in %s/", final, e.sflsim_out_dir)
+        raise
+    except BaseException as e:
+        _land_failed(partial, final, e)
+        raise
+    result.out_dir = rundir.land_run(partial, final, result.summary.get("status", "completed"))
+    result.recorder.out_dir = result.out_dir
+    return result
+
+
+def landed_in(exc: BaseException) -> Optional[Path]:
+    """The folder a run that raised ``exc`` landed in (None: nothing was kept, or no folder)."""
+    return getattr(exc, "sflsim_out_dir", None)
+
+
+def _land_failed(partial: Path, final: Path, exc: BaseException) -> None:
+    """A run that raised lands with its traceback; the exception learns where, the log says it."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    error = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+    dest = rundir.land_run(partial, final, "failed", text, error)
+    exc.sflsim_out_dir = dest
+    if dest != final:
+        log.error("the run failed; %s is unchanged, the failed run and its traceback are in %s/", final, dest)
+    else:
+        log.error("the run failed; what it recorded and its traceback are in %s/", dest)
+
+
+def _verify(result: RunResult, scenario: Scenario, shown: Optional[Path] = None) -> None:
+    """Check the finished run's timeline; a violation marks its summary failed and raises."""
+    if result.out_dir is not None:
+        _verify_folder(result.out_dir, shown or result.out_dir)
+        return
+    violations = verify.verify_recorded(result.recorder, result.summary, scenario.time.server.capacity)
+    if violations:
+        result.summary["status"] = "failed"
+        raise TimelineError(violations)
+
+
+def _verify_folder(folder: Path, shown: Path, require_files: bool = True) -> None:
+    """``verify.verify_run`` on ``folder`` (the run that lands in ``shown``); raise on a violation."""
+    t0 = _time.perf_counter()
+    violations = verify.verify_run(folder, require_files=require_files)
+    log.debug("verified the timeline of %s in %.3f s", shown, _time.perf_counter() - t0)
+    if violations:
+        raise TimelineError(violations, f"the run for {shown}")
+
+
+def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], progress: bool) -> RunResult:
+    """Run the scenario writing into ``out`` (``shown``: the folder named in log lines)."""
+    host_start = _time.perf_counter()
+    status = "completed"
+    sim = ctx = algo = ctl = recorder = None
+    diverged: Optional[Diverged] = None
+    interrupted_by = None
+    started = False  # the event loop has the algorithm: what goes wrong now is not bad set-up input
+    try:
+        if out is not None:
+            (out / rundir.SCENARIO).write_text(to_yaml(scenario))
+            for stale in (rundir.SUMMARY, rundir.FIGURE):
+                (out / stale).unlink(missing_ok=True)
+        recorder = Recorder(out)
+        if scenario.threads:
+            torch.set_num_threads(scenario.threads)
+        device = resolve_device(scenario.device)
+        spec = ALGORITHMS[scenario.algorithm.name]
+        time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
+        sim = Simulation(time_model, recorder, scenario.time.server.capacity)
         ctx = build_context(scenario, sim, device)
         algo = spec.build(ctx)
         ctl = _Controller(scenario, sim, algo, ctx, progress)
         sim.on_round(ctl.on_round)
         ctl.evaluate()  # the initial model, at time 0
         env = sim.env
+        started = True
         env.process(algo.process())
         if scenario.eval.every_sim_s:
             env.process(ctl.clock())
@@ -243,14 +339,18 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
         diverged = _diverged_in(e)
         if diverged is None:
             status = "failed"
+            if isinstance(e, UserError) and started:
+                e.sflsim_recorded = True  # raised after the run started: keep what it recorded
             raise
         # A result: keep everything, no final evaluation of a NaN model.
         status = "diverged"
         log.warning("%s; stopped at simulated time %.3f s%s", diverged, sim.now,
-                    f", outputs kept in {out}/" if out is not None else "", extra={"sflsim_diverged": True})
-    except KeyboardInterrupt:
+                    f", outputs kept in {shown}/" if shown is not None else "", extra={"sflsim_diverged": True})
+    except KeyboardInterrupt as e:
         status = "interrupted"
-        log.warning("interrupted at simulated time %.3f s; keeping what was recorded", sim.now)
+        interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        log.warning("interrupted (%s) at simulated time %.3f s; keeping what was recorded", interrupted_by,
+                    sim.now if sim is not None else 0.0)
         raise
     except BaseException:
         status = "failed"
@@ -258,12 +358,16 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
     finally:
         if ctl is not None:
             ctl.close()
+        if recorder is None:  # interrupted before the recorder existed
+            recorder = Recorder(out)
         recorder.close()
         summary = _summary(scenario, sim, recorder, ctx, algo, status, _time.perf_counter() - host_start)
         if diverged is not None:
             summary["stop_reason"] = "diverged"
             summary["diverged"] = _jsonable(diverged.info())
-        if out is not None and ctx is not None:
+        if interrupted_by is not None:
+            summary["interrupted_by"] = interrupted_by
+        if out is not None:
             rundir.write_json_atomic(out / rundir.SUMMARY, summary)
             if recorder.metrics:
                 _plot(out, recorder, scenario)
@@ -335,7 +439,7 @@ def _versions() -> dict:
 
 def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
     last = recorder.metrics[-1] if recorder.metrics else {}
-    total = sim.now
+    total = sim.now if sim is not None else 0.0  # no sim: interrupted early in set-up
     busy = recorder.busy_time("server")
     prof = ctx.profile if ctx is not None else None
     summary = {
@@ -343,12 +447,12 @@ def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
         "algorithm": scenario.algorithm.name,
         "seed": scenario.seed,
         "status": status,
-        "stop_reason": sim.stop_reason,
+        "stop_reason": sim.stop_reason if sim is not None else None,
         "final_accuracy": last.get("test_accuracy"),
         "final_loss": last.get("test_loss"),
         "best_accuracy": max((m["test_accuracy"] for m in recorder.metrics), default=None),
         "sim_time_s": total,
-        "rounds": sim.rounds_done,
+        "rounds": sim.rounds_done if sim is not None else 0,
         "bytes_up": recorder.bytes_up,
         "bytes_down": recorder.bytes_down,
         "server_busy_s": busy,
@@ -362,7 +466,7 @@ def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
             {"client": c, "flops_per_s": sim.time_model.client_speeds[c], "tier": sim.time_model.tiers[c],
              "uplink_mbps": sim.time_model.uplink_bps[c] / 1e6, "downlink_mbps": sim.time_model.downlink_bps[c] / 1e6,
              "samples": int(len(ctx.partitions[c])) if ctx is not None else None}
-            for c in range(len(sim.time_model.client_speeds))
+            for c in range(len(sim.time_model.client_speeds) if sim is not None else 0)
         ],
         "profile": _profile_dict(prof),
         "versions": _versions(),

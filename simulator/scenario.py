@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from models.registry import MODELS
 from simulator.algorithms import ALGORITHMS
 from simulator.config import (
+    LIMITS,
+    MAX_EVALUATIONS,
+    MAX_ROUNDS,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_THREADS,
+    MIN_BANDWIDTH_MBPS,
+    MIN_EVAL_EVERY_S,
+    MIN_FLOPS_PER_S,
+    BatchSize,
+    ClientCount,
     Fraction,
     KeyedValueError as _KeyedValueError,
     NonNegFloat,
@@ -28,6 +41,9 @@ from simulator.config import (
     PosInt,
     Strict,
     Value,
+    bounded_float,
+    bounded_int,
+    largest_draw,
 )
 from simulator.data import DATASETS
 from simulator.errors import ScenarioError
@@ -53,15 +69,17 @@ class DataConfig(Strict):
 
     dataset: Literal[DATASET_NAMES] = "fashion_mnist"  # type: ignore[valid-type]
     root: Optional[str] = Field(
-        None, description="Folder with the dataset files; else $SFLSIM_DATA, else Debian's path."
+        None, description="Folder with the dataset files (when set, the only place looked); null: $SFLSIM_DATA, "
+                          "then Debian's path."
     )
-    num_clients: PosInt = Field(10, description="Number of clients K.")
+    num_clients: ClientCount = Field(10, description="Number of clients K.")
     partition: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: PosFloat = Field(0.5, description="Dirichlet concentration (partition: dirichlet).")
     shards_per_client: PosInt = Field(2, description="Label shards per client (partition: shards).")
     train_limit: Optional[PosInt] = Field(None, description="Use at most this many train samples.")
     test_limit: Optional[PosInt] = Field(None, description="Use at most this many test samples.")
-    max_len: int = Field(48, ge=2, description="Text datasets: tokens per sequence (truncated / right-padded).")
+    max_len: bounded_int(2, MAX_SEQ_LEN) = Field(48, description=  # type: ignore[valid-type]
+       "Text datasets: tokens per sequence (truncated / right-padded).")
 
 
 class ModelConfig(Strict):
@@ -93,6 +111,16 @@ class Tier(Strict):
         return self
 
 
+def _rate_at_least(dist, minimum: float, unit: str):
+    """A speed or bandwidth that can never reach ``minimum`` is an error now, not at run time
+    (draws of an unbounded distribution are checked when they are made: ``preflight``)."""
+    top = largest_draw(dist)
+    if top < minimum:
+        what = "is" if dist.dist == "constant" else "can draw at most"
+        raise ValueError(f"{what} {top:g} {unit}; must be at least {minimum:g} {unit}")
+    return dist
+
+
 class ClientTimeConfig(Strict):
     """How fast client devices compute."""
 
@@ -100,11 +128,16 @@ class ClientTimeConfig(Strict):
     tiers: list[Tier] = Field(default_factory=list, description="Device tiers; speed is multiplied by speed_factor.")
     delay_s: Value = Field(0.0, description="Random delay added to each client compute operation.")
 
+    @field_validator("flops_per_s")
+    @classmethod
+    def _can_compute(cls, v):
+        return _rate_at_least(v, MIN_FLOPS_PER_S, "FLOP/s")
+
 
 class ServerTimeConfig(Strict):
     """The Split Server (and Fed Server) compute."""
 
-    flops_per_s: PosFloat = 1e11
+    flops_per_s: bounded_float(ge=MIN_FLOPS_PER_S) = 1e11  # type: ignore[valid-type]
     capacity: Optional[PosInt] = Field(1, description="Concurrent server jobs; null = unlimited.")
 
 
@@ -113,6 +146,11 @@ class LinkConfig(Strict):
 
     bandwidth_mbps: Value = Field(100.0, description="Bandwidth in Mbit/s: number or distribution, per client.")
     latency_s: Value = Field(0.01, description="One-way latency in seconds: number or distribution, per client.")
+
+    @field_validator("bandwidth_mbps")
+    @classmethod
+    def _can_send(cls, v):
+        return _rate_at_least(v, MIN_BANDWIDTH_MBPS, "Mbit/s")
 
 
 class NetworkConfig(Strict):
@@ -161,7 +199,7 @@ class BandwidthEpisode(_Episode):
     """Bandwidth of these clients becomes ``bandwidth_mbps`` while the episode lasts."""
 
     kind: Literal["bandwidth"]
-    bandwidth_mbps: PosFloat
+    bandwidth_mbps: bounded_float(ge=MIN_BANDWIDTH_MBPS)  # type: ignore[valid-type]
     direction: Literal["uplink", "downlink", "both"] = "both"
 
 
@@ -191,14 +229,14 @@ class EvalConfig(Strict):
     """When the global model is evaluated on the test set (free in simulated time)."""
 
     every_rounds: Optional[PosInt] = 1
-    every_sim_s: Optional[PosFloat] = None
-    batch_size: PosInt = 1000
+    every_sim_s: Optional[bounded_float(ge=MIN_EVAL_EVERY_S)] = None  # type: ignore[valid-type]
+    batch_size: BatchSize = 1000
 
 
 class StopConfig(Strict):
     """Stop at whichever comes first."""
 
-    rounds: Optional[PosInt] = None
+    rounds: Optional[bounded_int(1, MAX_ROUNDS)] = None  # type: ignore[valid-type]
     sim_time_s: Optional[PosFloat] = None
     target_accuracy: Optional[Fraction] = None
 
@@ -220,8 +258,9 @@ class Scenario(Strict):
 
     name: str = "scenario"
     description: str = ""
-    seed: NonNegInt = 0
-    threads: Optional[PosInt] = Field(None, description="torch threads; null = torch's default.")
+    seed: bounded_int(0, MAX_SEED) = 0  # type: ignore[valid-type]
+    threads: Optional[bounded_int(1, MAX_THREADS)] = Field(None,  # type: ignore[valid-type]
+                                                          description="torch threads; null = torch's default.")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -248,6 +287,17 @@ class Scenario(Strict):
         shares = sum(t.share or 0.0 for t in self.time.client.tiers)
         if shares > 1 + 1e-9:
             raise _KeyedValueError("time.client.tiers", f"shares add up to {shares:g}, more than 1")
+        active = getattr(self.algorithm, "active_clients", None)
+        if active is not None and active > k:
+            raise _KeyedValueError("algorithm.active_clients", f"{active} active clients but data.num_clients is {k}")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_evaluations(self) -> "Scenario":
+        every, until = self.eval.every_sim_s, self.stop.sim_time_s
+        if every is not None and until is not None and until / every > MAX_EVALUATIONS:
+            raise _KeyedValueError("eval.every_sim_s", f"{every:g} s is {until / every:.3g} evaluations in "
+                                                       f"stop.sim_time_s={until:g}; at most {MAX_EVALUATIONS:,}")
         return self
 
     @model_validator(mode="after")
@@ -271,6 +321,46 @@ class Scenario(Strict):
 # --------------------------------------------------------------------------------------------
 # Loading, overrides, error messages
 # --------------------------------------------------------------------------------------------
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a number in exponent notation is a float whether or
+    not it has a dot or a sign after the ``e`` (``1e-3``, ``2E9``, ``1.0e3``), as in YAML 1.2.
+    Plain PyYAML (YAML 1.1) reads ``1e-3`` as the string '1e-3'; the schema takes no strings
+    for numbers, so without this such a number would be refused."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _no_duplicate_keys(loader: YamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A key written twice in one mapping is an error (PyYAML would keep the last silently)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (lines {first + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+YamlLoader.construct_mapping = _no_duplicate_keys  # type: ignore[method-assign, assignment]
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text to Python values, with ``YamlLoader`` (scenario files and ``--set`` values)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one ``--set dotted.key=value``; the value is read as YAML (so 0.5, null, [1, 2])."""
     if "=" not in text:
@@ -280,7 +370,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ScenarioError("--set", f"expected dotted.key=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ScenarioError(key, f"--set value {raw!r} is not valid YAML ({_first_line(e)})") from None
     return key, value
@@ -323,9 +413,14 @@ def load_raw(path: str | Path) -> dict:
     if not p.is_file():
         raise ScenarioError("", f"scenario file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = read_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ScenarioError("", f"{p}: not valid YAML: {_first_line(e)}") from None
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ScenarioError("", f"{p} line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    except OSError as e:
+        raise ScenarioError("", f"{p}: cannot read ({e.strerror})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -399,8 +494,17 @@ def _first_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+_TAGS = ("name", "kind", "dist")  # the keys that pick a member of a tagged union
+
+
 def _dotted(loc: tuple, raw: Any) -> str:
-    """Turn a pydantic error location into the user's dotted key, dropping union tags."""
+    """The dotted key the user wrote for a pydantic error location.
+
+    Pydantic's location also names what the user did not write: the member of a tagged union
+    (``mu_splitfed``, ``constant``), a union branch (``constrained-int``,
+    ``literal['adaptive']``), the fields of a distribution behind a plain number. The key ends
+    where the user's text ends: at a scalar, at a key they did not write, or past a list.
+    """
     parts: list[str] = []
     node = raw
     for item in loc:
@@ -409,19 +513,17 @@ def _dotted(loc: tuple, raw: Any) -> str:
                 parts.append(str(item))
                 node = node[item]
                 continue
-            # A tagged-union member name (e.g. 'splitfed_v1'), not a key the user wrote.
-            if isinstance(item, str) and item in {str(v) for v in node.values() if isinstance(v, str)}:
-                continue
-            parts.append(str(item))
-            node = None
-        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            if isinstance(item, str) and any(node.get(t) == item for t in _TAGS):
+                continue  # a tagged-union member name
+            if isinstance(item, str) and ("[" in item or "-" in item):
+                continue  # a union branch label
+            parts.append(str(item))  # a key they did not write (missing); nothing below is theirs
+            break
+        if isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
             parts.append(str(item))
             node = node[item]
-        else:
-            if isinstance(item, str) and "[" in item:  # union branch labels like 'function-after[...]'
-                continue
-            parts.append(str(item))
-            node = None
+            continue
+        break  # a scalar: the rest of the location is internal
     return ".".join(parts)
 
 
@@ -467,16 +569,88 @@ def _inner_model(tp: Any, raw: Any = None) -> Any:
     return tp if isinstance(tp, type) and hasattr(tp, "model_fields") else None
 
 
+def _number(v: Any) -> str:
+    """A bound as the user would write it: 1000000 stays, 1e18 is 1e+18."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e7:
+        v = int(v)
+    if isinstance(v, int) and abs(v) < 10**12:
+        return str(v)
+    return f"{float(v):g}"
+
+
+def _as_written(v: Any) -> str:
+    """A scalar as YAML shows it, and what YAML made of it when that is surprising."""
+    if isinstance(v, bool):
+        return f"{str(v).lower()} (a boolean: YAML reads true/false, yes/no and on/off as booleans)"
+    if v is None:
+        return "null"
+    if isinstance(v, str):
+        return f"the string {v!r}" + (" (numbers are written without quotes)" if _looks_numeric(v) else "")
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"inf": ".inf", "-inf": "-.inf"}.get(str(v), ".nan")
+    if isinstance(v, (int, float)):
+        return _number(v) if abs(v) >= 10**12 else repr(v)
+    return repr(v)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _phrase(err: dict) -> str:
+    """What one pydantic error says is wrong, in the user's words (no types or class names)."""
+    typ, ctx = err["type"], err.get("ctx", {})
+    limits = {"greater_than_equal": ("at least", "ge"), "greater_than": ("greater than", "gt"),
+              "less_than_equal": ("at most", "le"), "less_than": ("less than", "lt")}
+    if typ in limits:
+        words, k = limits[typ]
+        text = f"should be {words} {_number(ctx.get(k))}"
+        if typ == "less_than_equal" and ctx.get(k) in LIMITS:
+            text += " (a limit of sflsim: docs/scenarios.md#limits)"
+        return text
+    fixed = {
+        "int_type": "should be an integer", "int_from_float": "should be an integer",
+        "int_parsing": "should be an integer", "float_type": "should be a number",
+        "float_parsing": "should be a number", "finite_number": "should be a finite number",
+        "bool_type": "should be true or false", "bool_parsing": "should be true or false",
+        "string_type": "should be text", "dict_type": "should be a mapping (key: value)",
+        "model_type": "should be a mapping (key: value)", "model_attributes_type": "should be a mapping (key: value)",
+        "list_type": "should be a list", "missing": "required key is missing",
+    }
+    if typ in fixed:
+        return fixed[typ]
+    if typ == "too_short":
+        n = ctx.get("min_length", 1)
+        return f"should have at least {n} item{'s' if n != 1 else ''}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith("Input should be"):
+        msg = "should be" + msg[len("Input should be"):]
+    return msg
+
+
+def _keyed(err: dict) -> Optional[_KeyedValueError]:
+    """The KeyedValueError behind a pydantic error (a rule that names its own key), if any."""
+    exc = err.get("ctx", {}).get("error")
+    return exc if isinstance(exc, _KeyedValueError) else None
+
+
 def _to_scenario_error(e: ValidationError, raw: dict) -> ScenarioError:
     errors = e.errors(include_url=False)
     err = errors[0]
-    key = _dotted(tuple(err["loc"]), raw)
+    keyed = _keyed(err)
+    key = keyed.key if keyed is not None else _dotted(tuple(err["loc"]), raw)
     typ = err["type"]
-    msg = err["msg"]
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    if "@@" in msg:  # a cross-field error that carries its own key
-        _, k, rest = msg.split("@@", 2)
-        return ScenarioError(k, rest + more)
+    # The branches of one union (tau: an integer or 'adaptive') fail together: one message.
+    same = [x for x in errors if _keyed(x) is None and _dotted(tuple(x["loc"]), raw) == key]
+    others = {x_key for x in errors
+              if (x_key := (_keyed(x).key if _keyed(x) is not None else _dotted(tuple(x["loc"]), raw))) != key}
+    more = f" (and {len(others)} more problem{'s' if len(others) > 1 else ''})" if others else ""
+    if keyed is not None:  # a cross-field error that carries its own key
+        return ScenarioError(keyed.key, keyed.detail + more)
     if typ == "extra_forbidden":
         allowed = _allowed_keys(key, raw)
         leaf = key.rsplit(".", 1)[-1]
@@ -487,8 +661,6 @@ def _to_scenario_error(e: ValidationError, raw: dict) -> ScenarioError:
         if allowed:
             text += f"; expected one of: {', '.join(allowed)}"
         return ScenarioError(key, text + more)
-    if typ == "missing":
-        return ScenarioError(key, "required key is missing" + more)
     if typ in ("union_tag_invalid", "union_tag_not_found"):
         ctx = err.get("ctx", {})
         tag = ctx.get("discriminator", "").strip("'")
@@ -496,13 +668,15 @@ def _to_scenario_error(e: ValidationError, raw: dict) -> ScenarioError:
         key = f"{key}.{tag}" if tag and not key.endswith(tag) else key
         got = ctx.get("tag")
         return ScenarioError(key, f"expected one of {expected}" + (f", got {got!r}" if got else "") + more)
-    if typ == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    if typ == "literal_error":
-        msg = msg.replace("Input should be", "expected")
-    elif msg.startswith("Input should be"):
-        msg = "should be" + msg[len("Input should be"):]
+    phrases: list[str] = []
+    for x in same or [err]:
+        p = _phrase(x)
+        if phrases and p.startswith("should be "):
+            p = p[len("should be "):]
+        if p not in phrases:
+            phrases.append(p)
+    msg = ", or ".join(phrases)
     got = err.get("input")
-    if typ not in ("value_error",) and not isinstance(got, (dict, list)):
-        msg += f", got {got!r}"
+    if typ not in ("value_error", "missing") and not isinstance(got, (dict, list, BaseModel)):
+        msg += f", got {_as_written(got)}"
     return ScenarioError(key, msg + more)

@@ -90,23 +90,30 @@ def test_help_and_usage_errors():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_keeps_outputs(tiny_file, tmp_path):
-    """SIGINT mid-run exits 130 and leaves metrics, events and an 'interrupted' summary."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_keeps_outputs(tiny_file, tmp_path, sig, code):
+    """SIGINT mid-run exits 130 (SIGTERM 143) and lands metrics, events and an 'interrupted' summary.
+
+    The run is written into out.partial-<pid> beside out and moved into place when it stops."""
     out = tmp_path / "out"
     e = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", "simulator", "run", str(tiny_file), "--out", str(out),
                           "--no-progress", "--set", "stop.rounds=100000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e)
-    metrics = out / "metrics.csv"
+    partial = tmp_path / f"out.partial-{p.pid}"
     deadline = time.time() + 90
     while time.time() < deadline:
+        metrics = partial / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    assert not out.exists()  # nothing lands before the run ends
+    p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
+    assert not partial.exists()
     s = json.loads((out / "summary.json").read_text())
-    assert s["status"] == "interrupted"
-    assert len(metrics.read_text().splitlines()) >= 3
+    assert s["status"] == "interrupted" and s["interrupted_by"] == signal.Signals(sig).name
+    assert len((out / "metrics.csv").read_text().splitlines()) >= 3
     assert (out / "events.csv").stat().st_size > 0
+    assert f"what was recorded is in {out}/" in err

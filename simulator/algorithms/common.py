@@ -18,7 +18,19 @@ from torch.func import functional_call
 
 from simulator import rng
 from simulator.errors import Diverged
-from simulator.config import Fraction, KeyedValueError, NonNegFloat, PosFloat, PosInt, Strict
+from simulator.config import (
+    MAX_PERTURBATIONS,
+    BatchSize,
+    Fraction,
+    KeyedValueError,
+    LocalEpochs,
+    LocalSteps,
+    NonNegFloat,
+    PosFloat,
+    Strict,
+    bounded_float,
+    bounded_int,
+)
 
 if TYPE_CHECKING:  # types only: common.py must not import the runner's world at run time
     from models.profile import CutProfile
@@ -32,7 +44,8 @@ class ZOConfig(Strict):
     """The zeroth-order estimator of every ZO party (client probes and server ZO steps)."""
 
     lam: PosFloat = Field(0.005, description="Smoothing radius lambda of the two-point estimate (paper: 0.005).")
-    perturbations: PosInt = Field(1, description="P: directions per estimate (a ZO client sends 2P perturbed activations).")
+    perturbations: bounded_int(1, MAX_PERTURBATIONS) = Field(1,  # type: ignore[valid-type]
+        description="P: directions per estimate (a ZO client sends 2P perturbed activations).")
     direction: Literal["gaussian", "sphere"] = Field(
         "gaussian", description="u ~ N(0, I) (the authors' code, MeZO) or uniform on the sphere of radius sqrt(d) (the paper).")
 
@@ -53,9 +66,9 @@ class TrainConfig(Strict):
     ZO steps are plain SGD (a momentum buffer would be the parameter copy ZO exists to avoid).
     """
 
-    batch_size: PosInt = Field(32, description="Minibatch size B.")
-    local_steps: Optional[PosInt] = Field(5, description="Local iterations (minibatches) per client per round (null: use local_epochs).")
-    local_epochs: Optional[PosInt] = Field(None, description="Passes over the client's data per round, instead of local_steps.")
+    batch_size: BatchSize = Field(32, description="Minibatch size B.")
+    local_steps: Optional[LocalSteps] = Field(5, description="Local iterations (minibatches) per client per round (null: use local_epochs).")
+    local_epochs: Optional[LocalEpochs] = Field(None, description="Passes over the client's data per round, instead of local_steps.")
     client_optimizer: Literal["fo", "zo"] = Field(
         "fo", description="fo: backprop of dL/dh sent by the server; zo: two-point ZO from 2P perturbed activations.")
     server_optimizer: Literal["fo", "zo"] = Field(
@@ -64,7 +77,8 @@ class TrainConfig(Strict):
     lr_server: PosFloat = Field(0.05, description="Server step size (the MU-SplitFed paper's eta_s).")
     lr_global: PosFloat = Field(
         1.0, description="Global step of the aggregation x = x + lr_global * mean_m(x_m - x) (paper's eta_g; 1 = plain average).")
-    momentum: NonNegFloat = Field(0.0, lt=1, description="SGD momentum of first-order steps (client and server).")
+    momentum: bounded_float(ge=0, lt=1) = Field(0.0, description=  # type: ignore[valid-type]
+       "SGD momentum of first-order steps (client and server).")
     weight_decay: NonNegFloat = Field(0.0, description="SGD weight decay of first-order steps (client and server).")
     aggregation: Literal["equal", "data_size"] = Field(
         "equal", description="Weights of the average of client (and server) parts: equal, or by client data size.")

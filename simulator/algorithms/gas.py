@@ -65,7 +65,7 @@ from simulator.algorithms.common import (
     refuse,
     sgd_step,
 )
-from simulator.config import NonNegFloat, PosFloat, PosInt
+from simulator.config import Bool, BufferSize, ClientCount, LocalSteps, NonNegFloat, PosFloat, bounded_float
 from simulator.errors import ScenarioError
 from simulator.gaussian_stats import GaussianStats, top_up_counts
 from simulator.latency import DOWNLINK, UPLINK
@@ -84,23 +84,24 @@ class GASConfig(TrainConfig):
     """
 
     name: Literal["gas"]
-    local_steps: Optional[PosInt] = Field(20, description="E: local iterations before a client uploads and is replaced (null: use local_epochs).")
+    local_steps: Optional[LocalSteps] = Field(20, description="E: local iterations before a client uploads and is replaced (null: use local_epochs).")
     lr_client: PosFloat = Field(0.01, description="Client learning rate.")
     lr_server: PosFloat = Field(0.01, description="Server learning rate.")
-    momentum: NonNegFloat = Field(0.9, lt=1, description="SGD momentum of first-order steps (client and server).")
+    momentum: bounded_float(ge=0, lt=1) = Field(0.9, description=  # type: ignore[valid-type]
+       "SGD momentum of first-order steps (client and server).")
     weight_decay: NonNegFloat = Field(5e-4, description="SGD weight decay of first-order steps (client and server).")
     aggregation: Literal["data_size", "equal"] = Field(
         "data_size", description="Model-buffer average: data_size (paper) or equal (code).")
     zo: ZOConfig = Field(default_factory=lambda: ZOConfig(direction="sphere"),
                          description="The ZO estimator of client_optimizer: zo (default direction: sphere, the paper's).")
-    active_clients: PosInt = Field(10, description="Active clients C (at most data.num_clients).")
-    activation_buffer: Optional[PosInt] = Field(
+    active_clients: ClientCount = Field(10, description="Active clients C (at most data.num_clients).")
+    activation_buffer: Optional[BufferSize] = Field(
         None, description="Q_s: minibatches per server update (null: active_clients, as the code).")
-    model_buffer: Optional[PosInt] = Field(
+    model_buffer: Optional[BufferSize] = Field(
         None, description="Q_c: client models per global iteration (null: active_clients, as the code).")
     clip_norm: Optional[PosFloat] = Field(10.0, description="Clip client and server gradients to this norm (null: no clipping).")
-    logit_adjustment: bool = Field(True, description="Client loss CE(s + log p_k(y), y) with p_k the client's label frequencies.")
-    generate: bool = Field(True, description="Generate activations (false: the plain asynchronous SFL baseline).")
+    logit_adjustment: Bool = Field(True, description="Client loss CE(s + log p_k(y), y) with p_k the client's label frequencies.")
+    generate: Bool = Field(True, description="Generate activations (false: the plain asynchronous SFL baseline).")
     covariance: Literal["full", "diagonal"] = Field(
         "full", description="Per-class covariance: full (the code for AlexNet) or diagonal (large activations).")
     stats_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the statistics and factors.")
@@ -110,7 +111,7 @@ class GASConfig(TrainConfig):
     weight_growth: Literal["paper", "code"] = Field(
         "paper", description="Activation weights: paper s(n) = n (server update index) or the code's counters.")
     merge_ridge: NonNegFloat = Field(0.0, description="Ridge added to the covariance at every merge (code: 1e-5).")
-    truncate_to_batch: bool = Field(
+    truncate_to_batch: Bool = Field(
         False, description="When generating, cut classes with more than B real activations to B (code: true).")
 
     @model_validator(mode="after")

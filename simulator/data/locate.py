@@ -31,12 +31,18 @@ def debian_dir() -> Path:
     return DEBIAN_DATASETS_DIR
 
 
-def search_roots(root: Optional[PathLike]) -> tuple[list[Path], list[str]]:
-    """The roots to search in order, and notes on the sources that were not given."""
+def search_roots(root: Optional[PathLike], fallbacks: bool = True) -> tuple[list[Path], list[str]]:
+    """The roots to search in order, and notes on the sources that were not given.
+
+    ``fallbacks=False`` with a root: that root only (``sflsim validate`` and ``run`` hold a
+    scenario's ``data.root`` to its word instead of quietly reading another copy).
+    """
     roots: list[Path] = []
     notes: list[str] = []
     if root is not None and str(root) != "":
         roots.append(Path(root).expanduser())
+        if not fallbacks:
+            return roots, [f"data.root is set, so ${ENV_VAR} and {debian_dir()} were not searched"]
     else:
         notes.append("data.root not given")
     env = os.environ.get(ENV_VAR, "")
@@ -62,15 +68,18 @@ def find_folder(
     subdirs: Sequence[str],
     missing: Callable[[Path], list[str]],
     how_to_get: str,
+    fallbacks: bool = True,
 ) -> Path:
     """The first folder holding a complete copy of ``name`` (``missing(folder)`` is empty).
 
     Each root (see the module docstring) is tried with each of ``subdirs`` ("" is the root
-    itself), then Debian's folder for ``name``. Raises DatasetNotFoundError otherwise.
+    itself), then Debian's folder for ``name`` (with ``fallbacks=False`` and a root: that
+    root only). Raises DatasetNotFoundError otherwise.
     """
-    roots, notes = search_roots(root)
-    debian = debian_dir() / name.replace("_", "-")
-    candidates = [r / sub if sub else r for r in (*roots, debian) for sub in subdirs]
+    roots, notes = search_roots(root, fallbacks)
+    only_root = not fallbacks and root is not None and str(root) != ""
+    debian = () if only_root else (debian_dir() / name.replace("_", "-"),)
+    candidates = [r / sub if sub else r for r in (*roots, *debian) for sub in subdirs]
     looked: list[str] = []
     for folder in dict.fromkeys(candidates):
         if not folder.is_dir():

