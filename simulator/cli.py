@@ -159,7 +159,10 @@ def cmd_run(args) -> int:
 
 
 def _preflight_run(scenario, out: Path, overwrite: bool) -> None:
-    """What ``run`` would refuse after it started, refused now (UserError: one line, exit 2)."""
+    """What ``run`` would refuse after it started, refused now (UserError: one line, exit 2).
+
+    ``run_scenario`` runs ``preflight`` itself; checking here too puts the data and file errors
+    before the output-folder one, in the order a user fixes them (cheap: milliseconds)."""
     from simulator.preflight import preflight
 
     preflight(scenario)

@@ -222,9 +222,13 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
     ``UserError``) leaves nothing behind. Every run's timeline is verified (``simulator.verify``)
     after its outputs are written; a violation fails the run with a ``TimelineError``.
     ``in_place``: write straight into ``out_dir``, which the caller lands (a batch's
-    ``runs/<id>.partial/``). Where the run landed is ``RunResult.out_dir``; an exception raised
+    ``runs/<id>.partial/``). ``simulator.preflight.preflight`` runs first, for every caller (CLI,
+    notebook, batch). Where the run landed is ``RunResult.out_dir``; an exception raised
     after set-up carries it as ``landed_in(exc)``.
     """
+    from simulator.preflight import preflight
+
+    preflight(scenario)  # files, data roots, sizes, draws: refused before any output is touched
     final = Path(out_dir) if out_dir is not None else None
     if final is None or in_place:
         if final is not None:

@@ -320,3 +320,15 @@ def test_limits_are_documented():
                  "MAX_PERTURBATIONS", "MAX_BUFFER", "MAX_THREADS", "MAX_SEQ_LEN", "MAX_SIGMA"):
         value = getattr(config, name)
         assert f"{value:,}".replace(",", " ") in section or f"{value:,}" in section or f"{value:g}" in section, name
+
+
+def test_run_scenario_runs_the_preflight_itself(tiny_raw, tmp_path):
+    """The library API refuses a data.root that does not exist, before touching the output folder."""
+    from simulator.runner import run_scenario
+
+    tiny_raw["data"] = {"dataset": "fashion_mnist", "root": str(tmp_path / "nowhere"), "num_clients": 2}
+    out = tmp_path / "out"
+    with pytest.raises(ScenarioError) as e:
+        run_scenario(validate(tiny_raw), out)
+    assert e.value.key == "data.root" and not out.exists()
+    assert not list(tmp_path.glob("out*"))
