@@ -567,10 +567,6 @@ class SplitRounds:
         }
 
 
-#: The class every round-based algorithm runs (the old name, kept for readers of the paper).
-MUSplitFed = SplitRounds
-
-
 def build(ctx: RunContext) -> SplitRounds:
     """mu_splitfed (tau from its config) and splitfed_zo (tau 1)."""
     return SplitRounds(ctx, tau=getattr(ctx.cfg, "tau", 1), tau_max=getattr(ctx.cfg, "tau_max", 1))
