@@ -9,15 +9,16 @@ The engine never touches tensors.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Callable, Generator, Optional
 
 import simpy
+from simpy.events import Timeout
 
 from simulator.latency import CLIENT_COMPUTE, DOWNLINK, SERVER_COMPUTE, UPLINK, Op, TimeModel
-from simulator.trace import Recorder
+from simulator.trace import Recorder, Span
 
 _PARTY = {CLIENT_COMPUTE: "client", SERVER_COMPUTE: "server", UPLINK: "uplink", DOWNLINK: "downlink"}
+_span = tuple.__new__  # Span(*fields) without the NamedTuple's Python-level __new__
 
 
 class Simulation:
@@ -25,7 +26,7 @@ class Simulation:
 
     def __init__(self, time_model: TimeModel, recorder: Recorder, server_capacity: Optional[int] = 1):
         self.env = simpy.Environment()
-        self.time_model = time_model
+        self._time_model = time_model
         self.recorder = recorder
         # capacity None = unlimited: server jobs never queue.
         self.server = simpy.Resource(self.env, capacity=server_capacity) if server_capacity else None
@@ -33,8 +34,14 @@ class Simulation:
         self.stopped = self.env.event()
         self.stop_reason: Optional[str] = None
         self.rounds_done = 0
-        self._seq: dict = defaultdict(int)
+        self._seq: dict = {}
+        self._pricers: dict = {}  # category -> TimeModel.pricer(category), built on first use
         self._round_listeners: list[Callable[[int], None]] = []
+
+    @property
+    def time_model(self) -> TimeModel:
+        """The run's time model (fixed for the run: its pricing functions are cached)."""
+        return self._time_model
 
     @property
     def now(self) -> float:
@@ -58,28 +65,26 @@ class Simulation:
 
         Returns (``yield from``) ``(busy_s, wait_s)``: the span's duration and the seconds it
         waited for a server slot before it started.
+
+        This is the per-operation hot path (see docs/benchmarks.md, "Engine cost per
+        operation"): one dict update for the sequence number, one call to the category's
+        cached pricing function, one SimPy timeout, one tuple appended to the recorder.
         """
         key = (client, category)
-        seq = self._seq[key]
-        self._seq[key] = seq + 1
-        op = Op(category, kind, client, float(flops), int(nbytes), seq, round, int(rng_elements))
-        start = float(self.env.now)
-        duration = self.time_model.duration(op, start)
-        yield self.env.timeout(duration)
-        self.recorder.span(
-            client=client,
-            party=party or _PARTY[category],
-            kind=kind,
-            round=round,
-            seq=seq,
-            start_s=start,
-            end_s=self.env.now,
-            wait_s=wait_s,
-            flops=op.flops,
-            nbytes=op.nbytes,
-            rng_elements=op.rng_elements,
-        )
-        return self.env.now - start, wait_s
+        seqs = self._seq
+        seq = seqs.get(key, 0)
+        seqs[key] = seq + 1
+        price = self._pricers.get(category)
+        if price is None:
+            price = self._pricers[category] = self._time_model.pricer(category)
+        env = self.env
+        flops, nbytes, rng_elements = float(flops), int(nbytes), int(rng_elements)
+        start = float(env.now)
+        yield Timeout(env, price(kind, client, flops, nbytes, seq, round, rng_elements, start))
+        end = env.now
+        self.recorder.add_span(_span(Span, (client, party or _PARTY[category], kind, round, seq, start, end, wait_s,
+                                            flops, nbytes, rng_elements)))
+        return end - start, wait_s
 
     def compute(self, client: int, kind: str, flops: float, round: Optional[int] = None,
                 rng_elements: int = 0) -> Generator:
@@ -137,3 +142,39 @@ class Simulation:
     @property
     def stopping(self) -> bool:
         return self.stopped.triggered
+
+
+class ReferenceSimulation(Simulation):
+    """``Simulation`` with ``charge`` written the plain way: the executable specification of
+    the hot path.
+
+    It builds the ``Op``, asks ``TimeModel.duration`` through the latency models, waits with
+    ``env.timeout`` and records through ``Recorder.span``, as the engine did before its
+    per-operation cost was cut. Every run must give the same outputs with either class
+    (``tests/test_engine.py`` runs scenarios with both and compares the files byte for byte);
+    ``benchmarks/engine_overhead.py`` measures the two side by side. Not used by runs.
+    """
+
+    def charge(self, category, kind, *, client=None, flops=0.0, nbytes=0, round=None, wait_s=0.0, party=None,
+               rng_elements=0) -> Generator:
+        key = (client, category)
+        seq = self._seq.get(key, 0)
+        self._seq[key] = seq + 1
+        op = Op(category, kind, client, float(flops), int(nbytes), seq, round, int(rng_elements))
+        start = float(self.env.now)
+        duration = self.time_model.duration(op, start)
+        yield self.env.timeout(duration)
+        self.recorder.span(
+            client=client,
+            party=party or _PARTY[category],
+            kind=kind,
+            round=round,
+            seq=seq,
+            start_s=start,
+            end_s=self.env.now,
+            wait_s=wait_s,
+            flops=op.flops,
+            nbytes=op.nbytes,
+            rng_elements=op.rng_elements,
+        )
+        return self.env.now - start, wait_s

@@ -14,12 +14,15 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 
 from simulator import rng
-from simulator.config import MAX_NUMBER, MIN_BANDWIDTH_MBPS, MIN_FLOPS_PER_S, Distribution, Uniform, as_distribution
+from simulator.config import (
+    MAX_NUMBER, MIN_BANDWIDTH_MBPS, MIN_FLOPS_PER_S, Distribution, Exponential, LogNormal, ShiftedExponential, Uniform,
+    as_distribution,
+)
 from simulator.errors import CostError, ScenarioError
 
 #: Operation categories. ``category_of(kind)`` maps every op kind to one of these.
@@ -29,9 +32,12 @@ UPLINK = "uplink"
 DOWNLINK = "downlink"
 
 
-@dataclass(frozen=True)
-class Op:
-    """One priced operation. ``seq`` is the k-th op of this (client, category)."""
+class Op(NamedTuple):
+    """One priced operation. ``seq`` is the k-th op of this (client, category).
+
+    Immutable, read by name. A NamedTuple rather than a frozen dataclass: the engine builds one
+    per operation on the generic pricing path, and a tuple costs a quarter of the time.
+    """
 
     category: str  # client_compute | server_compute | uplink | downlink
     kind: str  # e.g. client_forward, server_step, activation, model_down, aggregate
@@ -58,6 +64,23 @@ class LatencyModel(Protocol):
 DELAY_BLOCK = 256
 
 
+def draw_block(dist: Distribution, g: np.random.Generator, n: int) -> list[float]:
+    """``[dist.sample(g) for _ in range(n)]``, the same floats, in one numpy call where the
+    distribution allows it: numpy draws a vector of exponential, uniform or lognormal values
+    from the same stream positions as n scalar draws (``tests/test_latency.py`` checks each
+    family). The truncated normal redraws non-positive values, so it stays one draw at a time.
+    """
+    if isinstance(dist, Exponential):
+        return g.exponential(dist.mean_, n).tolist()
+    if isinstance(dist, ShiftedExponential):
+        return (dist.shift + g.exponential(dist.mean_, n)).tolist()
+    if isinstance(dist, Uniform):
+        return g.uniform(dist.low, dist.high, n).tolist()
+    if isinstance(dist, LogNormal):
+        return g.lognormal(np.log(dist.median), dist.sigma, n).tolist()
+    return [dist.sample(g) for _ in range(n)]
+
+
 @dataclass
 class ClientCompute:
     """FLOPs / device speed, plus a random delay drawn per operation.
@@ -78,7 +101,7 @@ class ClientCompute:
         cached = self._blocks.get(client)
         if cached is None or cached[0] != block:
             g = rng.generator(self.seed, "time", "delay", client, block)
-            cached = (block, [self.delay.sample(g) for _ in range(DELAY_BLOCK)])
+            cached = (block, draw_block(self.delay, g, DELAY_BLOCK))
             self._blocks[client] = cached
         return cached[1][i]
 
@@ -239,8 +262,82 @@ class TimeModel:
     def duration(self, op: Op, now: float) -> float:
         d = self.models[op.category].duration(op, now)
         if not (d >= 0 and math.isfinite(d)):
-            raise CostError(f"{op.kind} of client {op.client} priced at {d!r} s; durations must be finite and >= 0")
+            raise _bad_duration(op.kind, op.client, d)
         return d
+
+    def pricer(self, category: str) -> "Pricer":
+        """A function ``(kind, client, flops, nbytes, seq, round, rng_elements, now) -> seconds``
+        that returns exactly (bit for bit) what ``duration(Op(category, ...), now)`` returns.
+
+        The engine's hot path: where the category's model is a bare base model (no episode, no
+        trace wraps it) the formula is evaluated on constants taken from the model now, with
+        no ``Op`` built and no call through the model. Anything else (modifiers, a speed or
+        bandwidth that is not positive, whose ``CostError`` the model raises) goes through
+        ``model.duration(Op(...), now)``. The model must not change after this is called.
+        """
+        return _pricer(category, self.models[category])
+
+
+#: The engine's pricing function for one category (see ``TimeModel.pricer``).
+Pricer = Callable[[str, Optional[int], float, int, int, Optional[int], int, float], float]
+
+
+def _bad_duration(kind: str, client: Optional[int], d: float) -> CostError:
+    return CostError(f"{kind} of client {client} priced at {d!r} s; durations must be finite and >= 0")
+
+
+def _pricer(category: str, model: LatencyModel) -> Pricer:
+    """``TimeModel.pricer`` for one model: each branch is the model's ``duration`` formula,
+    written with the same operations in the same order, so the floats are identical (the
+    test suite checks this on random operations against the generic path)."""
+    inf = math.inf
+    kind_of = type(model)
+    if kind_of is ClientCompute and all(s > 0 for s in model.speeds):
+        speeds, rfe = tuple(model.speeds), model.rng_flops_per_element
+        if _is_zero(model.delay):
+            def price(kind, client, flops, nbytes, seq, round, rng_elements, now):
+                d = (flops + rng_elements * rfe) / speeds[client]
+                if d >= 0 and d < inf:  # for d >= 0, d < inf is math.isfinite(d); NaN fails d >= 0
+                    return d
+                raise _bad_duration(kind, client, d)
+            return price
+        blocks, delay_of = model._blocks, model.delay_of
+
+        def price(kind, client, flops, nbytes, seq, round, rng_elements, now):
+            d = (flops + rng_elements * rfe) / speeds[client]
+            block, i = divmod(seq, DELAY_BLOCK)
+            cached = blocks.get(client)  # the block cache of ClientCompute.delay_of, inlined
+            d += cached[1][i] if cached is not None and cached[0] == block else delay_of(client, seq)
+            if d >= 0 and d < inf:
+                return d
+            raise _bad_duration(kind, client, d)
+        return price
+    if kind_of is ServerCompute and model.flops_per_s > 0:
+        fps, rfe = model.flops_per_s, model.rng_flops_per_element
+
+        def price(kind, client, flops, nbytes, seq, round, rng_elements, now):
+            d = (flops + rng_elements * rfe) / fps
+            if d >= 0 and d < inf:
+                return d
+            raise _bad_duration(kind, client, d)
+        return price
+    if kind_of is Link and all(b > 0 for b in model.bandwidth_bps):
+        bw, lat = tuple(model.bandwidth_bps), tuple(model.latency_s)
+
+        def price(kind, client, flops, nbytes, seq, round, rng_elements, now):
+            d = lat[client] + 8.0 * nbytes / bw[client]
+            if d >= 0 and d < inf:
+                return d
+            raise _bad_duration(kind, client, d)
+        return price
+    duration = model.duration
+
+    def price(kind, client, flops, nbytes, seq, round, rng_elements, now):
+        d = duration(Op(category, kind, client, flops, nbytes, seq, round, rng_elements), now)
+        if d >= 0 and d < inf:
+            return d
+        raise _bad_duration(kind, client, d)
+    return price
 
 
 def draw_client_speeds(time_cfg, num_clients: int, seed: int) -> tuple[list[float], list[str]]:

@@ -1,10 +1,13 @@
 """Engine: a golden SplitFed timeline with hand-computed times, server contention, stop rules."""
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import simpy
 
-from simulator.engine import Simulation
+from simulator.engine import ReferenceSimulation, Simulation
 from simulator.latency import build_time_model
 from simulator.runner import run_scenario
 from simulator.scenario import validate
@@ -135,3 +138,111 @@ def test_stop_reason_first_wins(tiny_raw):
     sim.stop("b")
     assert sim.stop_reason == "a" and sim.stopping
     assert isinstance(sim.env, simpy.Environment)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast charge path against its plain-reading specification (ReferenceSimulation)
+# --------------------------------------------------------------------------------------------
+_TRACE = "client,start_s,end_s,speed_factor,bandwidth_mbps\n0,0,3,0.5,\n1,1,6,,0.5\n2,0.5,,2,\n"
+_GAS = {"name": "gas", "batch_size": 16, "active_clients": 2, "local_steps": 2, "activation_buffer": 2,
+        "model_buffer": 2, "lr_client": 0.05, "lr_server": 0.05}
+_SCENARIOS = {
+    # stragglers: a slowdown, a bandwidth drop and an outage, drawn per-client bandwidths
+    "episodes": {"time.episodes": [
+        {"kind": "slowdown", "clients": [0, 2], "factor": 3, "start_s": 0.2, "end_s": 4},
+        {"kind": "bandwidth", "clients": [1], "bandwidth_mbps": 0.2, "direction": "both", "start_s": 0.1},
+        {"kind": "unreachable", "clients": [3], "start_s": 0.3, "end_s": 1.5}],
+        "time.network": {"uplink": {"bandwidth_mbps": 5, "latency_s": 0.01},
+                         "downlink": {"bandwidth_mbps": {"dist": "uniform", "low": 2, "high": 9}, "latency_s": 0.02}}},
+    "tiers": {"time.client.tiers": [{"name": "slow", "share": 0.5, "speed_factor": 0.25},
+                                    {"name": "fast", "clients": [3], "speed_factor": 3}]},
+    "trace": {"time.trace_csv": "TRACE"},
+    "v2_capacity_2": {"algorithm.name": "splitfed_v2", "time.server.capacity": 2},
+    "unlimited_server": {"time.server.capacity": None},
+    "gas": {"algorithm": _GAS},
+    "mu_splitfed_zo": {"algorithm": {"name": "mu_splitfed", "batch_size": 16, "local_steps": 2, "tau": 2,
+                                     "client_optimizer": "zo", "server_optimizer": "zo", "zo": {"perturbations": 2}},
+                       "time.zo_rng_flops_per_element": 3.0},
+    "mu_splitfed_adaptive": {"algorithm": {"name": "mu_splitfed", "batch_size": 16, "local_steps": 2,
+                                           "tau": "adaptive", "tau_max": 4},
+                             "time.episodes": [{"kind": "slowdown", "clients": [1], "factor": 5}],
+                             "time.client.delay_s": {"dist": "lognormal", "median": 0.05, "sigma": 0.5}},
+    "eval_by_sim_time": {"eval": {"every_sim_s": 0.7}, "stop": {"sim_time_s": 3.0, "rounds": None}},
+}
+
+
+def _with(raw: dict, changes: dict, trace_path) -> dict:
+    raw = copy.deepcopy(raw)
+    for dotted, value in changes.items():
+        *path, last = dotted.split(".")
+        d = raw
+        for p in path:
+            d = d.setdefault(p, {})
+        d[last] = str(trace_path) if value == "TRACE" else value
+    return raw
+
+
+def _outputs(folder) -> dict:
+    """Every CSV of a run folder as bytes, and summary.json without its host-time field."""
+    out = {p.name: p.read_bytes() for p in sorted(folder.glob("*.csv"))}
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.pop("host_runtime_s")
+    out["summary.json"] = summary
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_SCENARIOS))
+def test_fast_charge_path_writes_what_the_reference_writes(name, tiny_raw, tmp_path, monkeypatch):
+    """events.csv, metrics.csv, the algorithm tables and summary.json (host time aside) are the
+    same bytes whether the run charges through Simulation or through ReferenceSimulation."""
+    import simulator.runner as runner_mod
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text(_TRACE)
+    s = validate(_with(tiny_raw, _SCENARIOS[name], trace))
+    run_scenario(s, tmp_path / "fast")
+    monkeypatch.setattr(runner_mod, "Simulation", ReferenceSimulation)
+    run_scenario(s, tmp_path / "reference")
+    fast, ref = _outputs(tmp_path / "fast"), _outputs(tmp_path / "reference")
+    assert fast.keys() == ref.keys() and {"events.csv", "metrics.csv"} <= fast.keys()
+    for f in fast:
+        assert fast[f] == ref[f], f"{name}: {f} differs between the fast and the reference charge path"
+    assert fast["events.csv"].count(b"\n") > 20
+
+
+def test_reference_simulation_is_a_different_code_path(tiny_raw, monkeypatch):
+    """The comparison above can fail: a fast path that prices differently is caught."""
+    import simulator.latency as L
+
+    s = validate(tiny_raw)
+    fast = run_scenario(s).recorder.events_csv_text()
+    real = L._pricer
+
+    def off_by_a_bit(category, model):
+        price = real(category, model)
+        return lambda *a: price(*a) * (1 + 1e-15) if category == L.CLIENT_COMPUTE else price(*a)
+
+    monkeypatch.setattr(L, "_pricer", off_by_a_bit)
+    assert run_scenario(s).recorder.events_csv_text() != fast
+
+
+def test_events_are_on_disk_at_every_round_end(tiny_raw, tmp_path, monkeypatch):
+    """Crash safety: when a round ends, events.csv on disk holds every span recorded so far."""
+    import simulator.runner as runner_mod
+    from simulator.trace import EVENT_COLUMNS
+
+    seen = []
+    original = runner_mod._Controller.on_round
+
+    def on_round(self, r):
+        original(self, r)
+        rec = self.sim.recorder
+        rows = (rec.out_dir / "events.csv").read_text().splitlines()  # the folder the run writes into
+        assert rows[0] == ",".join(EVENT_COLUMNS)
+        seen.append((rows[1:], rec.events_csv_text().splitlines()[1:]))
+
+    monkeypatch.setattr(runner_mod._Controller, "on_round", on_round)
+    run_scenario(validate({**tiny_raw, "stop": {"rounds": 3}}), tmp_path / "run")
+    assert len(seen) == 3
+    for on_disk, recorded in seen:
+        assert on_disk == recorded and len(recorded) > 0
