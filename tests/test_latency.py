@@ -1,6 +1,7 @@
 """Latency models: contract over the registry, closed-form prices, modifiers, keyed draws."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -159,3 +160,99 @@ def test_trace_csv_bad_columns(tiny_raw, tmp_path):
     with pytest.raises(ScenarioError) as ei:
         L.build_time_model(s.time, 4, s.seed)
     assert ei.value.key == "time.trace_csv"
+
+
+# --------------------------------------------------------------------------------------------
+# The engine's pricing functions: the same floats as duration(), bit for bit
+# --------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from simulator.config import LogNormal, Normal, ShiftedExponential, Uniform  # noqa: E402
+
+_PRICED = [L.CLIENT_COMPUTE, L.SERVER_COMPUTE, L.UPLINK, L.DOWNLINK]
+
+
+def _time_models(tmp_path_factory=None):
+    """Time models whose categories take every branch of TimeModel.pricer: bare base models
+    (zero delay, a drawn delay, a ZO rng cost) and wrapped ones (episodes, a trace table)."""
+    from tests.conftest import TINY
+
+    raws = {"bare": {"delay_s": 0}, "delay": {}, "rng": {"zo_rng_flops_per_element": 7.5}}
+    models = {}
+    for name, change in raws.items():
+        raw = copy.deepcopy(TINY)
+        if "delay_s" in change:
+            raw["time"]["client"]["delay_s"] = change["delay_s"]
+        if "zo_rng_flops_per_element" in change:
+            raw["time"]["zo_rng_flops_per_element"] = change["zo_rng_flops_per_element"]
+        models[name] = L.build_time_model(validate(raw).time, 4, 3)
+    raw = copy.deepcopy(TINY)
+    raw["time"]["episodes"] = [
+        {"kind": "slowdown", "clients": [0, 2], "factor": 3, "start_s": 1.0, "end_s": 4.0},
+        {"kind": "bandwidth", "clients": [1], "bandwidth_mbps": 0.5, "direction": "both", "start_s": 2.0},
+        {"kind": "unreachable", "clients": [3], "start_s": 0.5, "end_s": 1.5}]
+    models["episodes"] = L.build_time_model(validate(raw).time, 4, 3)
+    return models
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    model=st.sampled_from(["bare", "delay", "rng", "episodes"]),
+    category=st.sampled_from(_PRICED),
+    client=st.integers(0, 3),
+    flops=st.floats(0, 1e15),
+    nbytes=st.integers(0, 10**10),
+    seq=st.integers(0, 2000),
+    rng_elements=st.integers(0, 10**9),
+    now=st.floats(0, 10),
+)
+def test_pricer_equals_duration_bit_for_bit(model, category, client, flops, nbytes, seq, rng_elements, now):
+    """TimeModel.pricer(category) returns exactly duration(Op(...), now) on every kind of model."""
+    tm = _MODELS[model]
+    op = L.Op(category, "k", client, flops, nbytes, seq, 0, rng_elements)
+    fast = tm.pricer(category)("k", client, flops, nbytes, seq, 0, rng_elements, now)
+    assert fast == tm.duration(op, now) and math.copysign(1, fast) == math.copysign(1, tm.duration(op, now))
+
+
+_MODELS = _time_models()
+
+
+@pytest.mark.parametrize("flops", [math.nan, math.inf, -1e15])
+def test_pricer_refuses_what_duration_refuses(flops):
+    """A NaN, infinite or negative price is a CostError on the fast path too, with the same text."""
+    for tm in _MODELS.values():
+        for category in (L.CLIENT_COMPUTE, L.SERVER_COMPUTE):
+            with pytest.raises(CostError) as slow:
+                tm.duration(L.Op(category, "k", 1, flops, 0, 0, 0, 0), 0.0)
+            with pytest.raises(CostError) as fast:
+                tm.pricer(category)("k", 1, flops, 0, 0, 0, 0, 0.0)
+            assert str(fast.value) == str(slow.value)
+
+
+def test_pricer_keeps_the_models_errors_for_a_zero_speed():
+    """A model the fast path cannot take (a zero speed) is priced through the model: CostError."""
+    tm = L.TimeModel({L.CLIENT_COMPUTE: L.ClientCompute([0.0, 1e9], Constant(value=0.0), seed=0),
+                      L.SERVER_COMPUTE: L.ServerCompute(0.0), L.UPLINK: L.Link([0.0], [0.0])}, [], [], [], [])
+    for category, client in ((L.CLIENT_COMPUTE, 0), (L.SERVER_COMPUTE, None), (L.UPLINK, 0)):
+        with pytest.raises(CostError, match="cannot price"):
+            tm.pricer(category)("k", client, 1.0, 1, 0, 0, 0, 0.0)
+    assert tm.pricer(L.CLIENT_COMPUTE)("k", 1, 1e9, 0, 0, 0, 0, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("dist", [
+    Constant(value=0.25),
+    Uniform(dist="uniform", low=0.1, high=2.0),
+    Exponential(dist="exponential", mean=0.3),
+    ShiftedExponential(dist="shifted_exponential", shift=0.05, mean=0.2),
+    LogNormal(dist="lognormal", median=0.1, sigma=0.8),
+    Normal(dist="normal", mean=0.1, std=0.2),  # truncated: drawn one at a time
+], ids=lambda d: d.dist)
+def test_delay_block_is_the_scalar_draws(dist):
+    """draw_block gives the floats of DELAY_BLOCK calls of dist.sample on the same generator."""
+    from simulator import rng
+
+    a = L.draw_block(dist, rng.generator(5, "time", "delay", 1, 0), L.DELAY_BLOCK)
+    g = rng.generator(5, "time", "delay", 1, 0)
+    b = [dist.sample(g) for _ in range(L.DELAY_BLOCK)]
+    assert a == b and all(type(v) is float for v in a)
