@@ -99,13 +99,13 @@ def bare(s, lockstep: bool = False) -> tuple[float, float]:
     return clock.read()
 
 
-def _simulation(s, reference: bool):
+def _simulation(s, reference: bool, out_dir=None):
     from simulator.engine import ReferenceSimulation, Simulation
     from simulator.latency import build_time_model
     from simulator.trace import Recorder
 
     cls = ReferenceSimulation if reference else Simulation
-    rec = Recorder()
+    rec = Recorder(out_dir)
     return cls(build_time_model(s.time, s.data.num_clients, s.seed), rec, s.time.server.capacity), rec
 
 
@@ -124,11 +124,13 @@ def simulated(s, reference: bool = False) -> tuple[float, float, dict]:
     return cpu, wall, {"events": len(rec.events), "sim_time_s": sim.now}
 
 
-def engine_only(s, reference: bool = False) -> tuple[float, float, int]:
-    """SplitFed V1's charges with no tensor work. Returns (cpu, wall, operations charged)."""
+def engine_only(s, reference: bool = False, out_dir=None) -> tuple[float, float, int]:
+    """SplitFed V1's charges with no tensor work, events.csv written into ``out_dir`` (flushed
+    at every round end, as a run does) where one is given. Returns (cpu, wall, operations)."""
     from simulator.latency import DOWNLINK, UPLINK
 
-    sim, rec = _simulation(s, reference)
+    sim, rec = _simulation(s, reference, out_dir)
+    done = [0] * s.stop.rounds
     cfg, m = s.algorithm, s.data.num_clients
 
     def client(c):
@@ -141,11 +143,15 @@ def engine_only(s, reference: bool = False) -> tuple[float, float, int]:
                 yield from sim.send(c, DOWNLINK, "gradient", 16_384, r)
                 yield from sim.compute(c, "client_backward", 6.4e6, r)
             yield from sim.send(c, UPLINK, "model_up", 400_000, r)
+            done[r] += 1
+            if done[r] == m:
+                rec.flush()  # the runner flushes the recorder at every round end
 
     for c in range(m):
         sim.env.process(client(c))
     clock = _Clock()
     sim.env.run()
+    rec.close()
     cpu, wall = clock.read()
     return cpu, wall, len(rec.events)
 

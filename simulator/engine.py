@@ -12,13 +12,24 @@ from __future__ import annotations
 from typing import Callable, Generator, Optional
 
 import simpy
-from simpy.events import Timeout
 
 from simulator.latency import CLIENT_COMPUTE, DOWNLINK, SERVER_COMPUTE, UPLINK, Op, TimeModel
 from simulator.trace import Recorder, Span
 
 _PARTY = {CLIENT_COMPUTE: "client", SERVER_COMPUTE: "server", UPLINK: "uplink", DOWNLINK: "downlink"}
 _span = tuple.__new__  # Span(*fields) without the NamedTuple's Python-level __new__
+
+
+class _Pricers(dict):
+    """category -> ``time_model.pricer(category)``, each built when first asked for."""
+
+    def __init__(self, time_model: TimeModel):
+        super().__init__()
+        self.time_model = time_model
+
+    def __missing__(self, category: str):
+        price = self[category] = self.time_model.pricer(category)
+        return price
 
 
 class Simulation:
@@ -35,7 +46,7 @@ class Simulation:
         self.stop_reason: Optional[str] = None
         self.rounds_done = 0
         self._seq: dict = {}
-        self._pricers: dict = {}  # category -> TimeModel.pricer(category), built on first use
+        self._pricers = _Pricers(time_model)  # category -> TimeModel.pricer(category), built on first use
         self._round_listeners: list[Callable[[int], None]] = []
 
     @property
@@ -65,25 +76,29 @@ class Simulation:
 
         Returns (``yield from``) ``(busy_s, wait_s)``: the span's duration and the seconds it
         waited for a server slot before it started.
+        """
+        return self._charge(category, party or _PARTY[category], kind, client, flops, nbytes, round, wait_s,
+                            rng_elements)
 
-        This is the per-operation hot path (see docs/benchmarks.md, "Engine cost per
-        operation"): one dict update for the sequence number, one call to the category's
-        cached pricing function, one SimPy timeout, one tuple appended to the recorder.
+    def _charge(self, category, party, kind, client, flops, nbytes, round, wait_s, rng_elements) -> Generator:
+        """``charge`` with every argument given, in order: the per-operation hot path.
+
+        One dict update for the sequence number, one call to the category's cached pricing
+        function (``TimeModel.pricer``), one SimPy timeout, one tuple handed to the recorder.
+        ``ReferenceSimulation.charge`` is the same operation written plainly; both must
+        write the same outputs (docs/benchmarks.md, "Engine cost per operation").
         """
         key = (client, category)
         seqs = self._seq
         seq = seqs.get(key, 0)
         seqs[key] = seq + 1
-        price = self._pricers.get(category)
-        if price is None:
-            price = self._pricers[category] = self._time_model.pricer(category)
         env = self.env
         flops, nbytes, rng_elements = float(flops), int(nbytes), int(rng_elements)
         start = float(env.now)
-        yield Timeout(env, price(kind, client, flops, nbytes, seq, round, rng_elements, start))
+        yield env.timeout(self._pricers[category](kind, client, flops, nbytes, seq, round, rng_elements, start))
         end = env.now
-        self.recorder.add_span(_span(Span, (client, party or _PARTY[category], kind, round, seq, start, end, wait_s,
-                                            flops, nbytes, rng_elements)))
+        self.recorder.add_span(_span(Span, (client, party, kind, round, seq, start, end, wait_s, flops, nbytes,
+                                            rng_elements)))
         return end - start, wait_s
 
     def compute(self, client: int, kind: str, flops: float, round: Optional[int] = None,
@@ -93,13 +108,13 @@ class Simulation:
         ``rng_elements``: random numbers a ZO direction regenerates in this op, priced at
         ``time.zo_rng_flops_per_element`` FLOP-equivalents each.
         """
-        return self.charge(CLIENT_COMPUTE, kind, client=client, flops=flops, round=round, rng_elements=rng_elements)
+        return self._charge(CLIENT_COMPUTE, "client", kind, client, flops, 0, round, 0.0, rng_elements)
 
     def send(self, client: int, direction: str, kind: str, nbytes: int, round: Optional[int] = None) -> Generator:
         """A message of ``nbytes`` between client ``client`` and the servers."""
         if direction not in (UPLINK, DOWNLINK):
             raise ValueError(f"direction must be {UPLINK!r} or {DOWNLINK!r}, got {direction!r}")
-        return self.charge(direction, kind, client=client, nbytes=nbytes, round=round)
+        return self._charge(direction, direction, kind, client, 0.0, nbytes, round, 0.0, 0)
 
     def serve(self, kind: str, flops: float, client: Optional[int] = None, round: Optional[int] = None,
               rng_elements: int = 0) -> Generator:
@@ -110,17 +125,16 @@ class Simulation:
         ``(busy_s, wait_s)`` like ``charge``.
         """
         if self.server is None:
-            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
-                                           rng_elements=rng_elements))
+            return (yield from self._charge(SERVER_COMPUTE, "server", kind, client, flops, 0, round, 0.0, rng_elements))
         with self.server.request() as req:
             asked = self.env.now
             yield req
-            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
-                                           wait_s=self.env.now - asked, rng_elements=rng_elements))
+            return (yield from self._charge(SERVER_COMPUTE, "server", kind, client, flops, 0, round,
+                                            self.env.now - asked, rng_elements))
 
     def fed(self, kind: str, flops: float, round: Optional[int] = None) -> Generator:
         """Fed Server work (averaging client parts): priced at server speed, its own machine."""
-        return self.charge(SERVER_COMPUTE, kind, flops=flops, round=round, party="fed")
+        return self._charge(SERVER_COMPUTE, "fed", kind, None, flops, 0, round, 0.0, 0)
 
     # -- rounds and stopping --------------------------------------------------------------
     def on_round(self, listener: Callable[[int], None]) -> None:
@@ -145,18 +159,18 @@ class Simulation:
 
 
 class ReferenceSimulation(Simulation):
-    """``Simulation`` with ``charge`` written the plain way: the executable specification of
-    the hot path.
+    """``Simulation`` with its charging written the plain way: the executable specification
+    of the hot path.
 
-    It builds the ``Op``, asks ``TimeModel.duration`` through the latency models, waits with
-    ``env.timeout`` and records through ``Recorder.span``, as the engine did before its
+    ``compute``/``send``/``serve``/``fed`` go through ``charge`` by keyword, which builds the
+    ``Op``, asks ``TimeModel.duration`` through the latency models, waits with
+    ``env.timeout`` and records through ``Recorder.span``: the engine as it was before its
     per-operation cost was cut. Every run must give the same outputs with either class
     (``tests/test_engine.py`` runs scenarios with both and compares the files byte for byte);
     ``benchmarks/engine_overhead.py`` measures the two side by side. Not used by runs.
     """
 
-    def charge(self, category, kind, *, client=None, flops=0.0, nbytes=0, round=None, wait_s=0.0, party=None,
-               rng_elements=0) -> Generator:
+    def _charge(self, category, party, kind, client, flops, nbytes, round, wait_s, rng_elements) -> Generator:
         key = (client, category)
         seq = self._seq.get(key, 0)
         self._seq[key] = seq + 1
@@ -166,7 +180,7 @@ class ReferenceSimulation(Simulation):
         yield self.env.timeout(duration)
         self.recorder.span(
             client=client,
-            party=party or _PARTY[category],
+            party=party,
             kind=kind,
             round=round,
             seq=seq,
@@ -178,3 +192,24 @@ class ReferenceSimulation(Simulation):
             rng_elements=op.rng_elements,
         )
         return self.env.now - start, wait_s
+
+    def compute(self, client, kind, flops, round=None, rng_elements=0) -> Generator:
+        return self.charge(CLIENT_COMPUTE, kind, client=client, flops=flops, round=round, rng_elements=rng_elements)
+
+    def send(self, client, direction, kind, nbytes, round=None) -> Generator:
+        if direction not in (UPLINK, DOWNLINK):
+            raise ValueError(f"direction must be {UPLINK!r} or {DOWNLINK!r}, got {direction!r}")
+        return self.charge(direction, kind, client=client, nbytes=nbytes, round=round)
+
+    def serve(self, kind, flops, client=None, round=None, rng_elements=0) -> Generator:
+        if self.server is None:
+            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
+                                           rng_elements=rng_elements))
+        with self.server.request() as req:
+            asked = self.env.now
+            yield req
+            return (yield from self.charge(SERVER_COMPUTE, kind, client=client, flops=flops, round=round,
+                                           wait_s=self.env.now - asked, rng_elements=rng_elements))
+
+    def fed(self, kind, flops, round=None) -> Generator:
+        return self.charge(SERVER_COMPUTE, kind, flops=flops, round=round, party="fed")
