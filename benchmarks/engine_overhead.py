@@ -1,7 +1,7 @@
 """How much host time does the simulator add around the real training steps, and what does
 one charged operation cost?
 
-Runs the same SplitFed V1 work on real Fashion-MNIST data, interleaved A, B, C, D, A, B, ...
+Runs the same SplitFed V1 work on real Fashion-MNIST data, the five runs below interleaved
 ``--repeat`` times, and prints medians and ratios measured side by side in this one run:
   (a) bare: the same pure step functions (client forward, server step, client backward, SGD,
       round-end averaging) called in a plain Python loop, client after client, no SimPy, no
@@ -12,7 +12,10 @@ Runs the same SplitFed V1 work on real Fashion-MNIST data, interleaved A, B, C, 
   (c) simulated: the SplitFed V1 SimPy process on a ``Simulation``, exactly as
       ``run_scenario`` runs it (pricing, server queueing, span recording), without evaluation;
   (d) simulated on ``ReferenceSimulation``: the engine's plain-reading charge path (the
-      engine before its per-operation cost was cut), the same outputs.
+      engine before its per-operation cost was cut), the same outputs;
+  (e) simulated on a null engine: every charge is a fixed 1 ms timeout, nothing priced or
+      recorded. Not a valid simulation (the schedule differs); it is the floor any engine
+      change can reach, so (c) / (e) is what pricing and recording still cost in the run.
 Then the engine alone, with no tensor work: the operations of SplitFed V1 (forward, uplink,
 server step, downlink, backward per local step) charged by one SimPy process per client, on
 the fast and on the reference charge path, alternated the same way: microseconds per charged
@@ -99,17 +102,31 @@ def bare(s, lockstep: bool = False) -> tuple[float, float]:
     return clock.read()
 
 
-def _simulation(s, reference: bool, out_dir=None):
+def _null_simulation_class():
+    from simulator.engine import Simulation
+
+    class NullSimulation(Simulation):
+        """Every charge a fixed 1 ms timeout: no pricing, no sequence numbers, no span."""
+
+        def _charge(self, category, party, kind, client, flops, nbytes, round, wait_s, rng_elements):
+            yield self.env.timeout(0.001)
+            return 0.001, 0.0
+
+    return NullSimulation
+
+
+def _simulation(s, reference, out_dir=None):
+    """A Simulation (``reference``: False, True for ReferenceSimulation, or "null")."""
     from simulator.engine import ReferenceSimulation, Simulation
     from simulator.latency import build_time_model
     from simulator.trace import Recorder
 
-    cls = ReferenceSimulation if reference else Simulation
+    cls = _null_simulation_class() if reference == "null" else ReferenceSimulation if reference else Simulation
     rec = Recorder(out_dir)
     return cls(build_time_model(s.time, s.data.num_clients, s.seed), rec, s.time.server.capacity), rec
 
 
-def simulated(s, reference: bool = False) -> tuple[float, float, dict]:
+def simulated(s, reference=False) -> tuple[float, float, dict]:
     """The same work as a SimPy run (pricing, queueing, recording). Returns (cpu, wall, facts)."""
     from simulator.algorithms import ALGORITHMS
 
@@ -163,17 +180,18 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=7, help="alternations of A, B, C, D (medians are printed)")
+    ap.add_argument("--repeat", type=int, default=7, help="alternations of the runs (medians are printed)")
     ap.add_argument("--engine-rounds", type=int, default=40, help="rounds of the engine-only measurement")
     a = ap.parse_args()
     s = scenario(a.model, a.rounds, a.threads, a.clients, a.steps)
     torch.set_num_threads(a.threads)
-    names = ("bare", "bare_lockstep", "simulated", "simulated_reference")
+    names = ("bare", "bare_lockstep", "simulated", "simulated_reference", "simulated_null_engine")
     runs = {
         "bare": lambda: bare(s),
         "bare_lockstep": lambda: bare(s, lockstep=True),
         "simulated": lambda: simulated(s)[:2],
         "simulated_reference": lambda: simulated(s, reference=True)[:2],
+        "simulated_null_engine": lambda: simulated(s, reference="null")[:2],
     }
     for n in names:  # warm-up: data cache, first-call costs
         runs[n]()
@@ -201,10 +219,10 @@ def main() -> None:
     steps = a.rounds * a.clients * a.steps
     print(f"model={a.model} rounds={a.rounds} clients={a.clients} local_steps={a.steps} threads={a.threads} "
           f"repeat={a.repeat} (medians of thread CPU seconds, runs alternated)")
-    print(f"{'run':34s} {'cpu s':>8s} {'/ bare':>7s} {'/ lockstep':>10s} {'wall / bare':>11s}")
+    print(f"{'run':24s} {'cpu s':>8s} {'/ bare':>7s} {'/ lockstep':>10s} {'/ null engine':>13s} {'wall / bare':>11s}")
     for n in names:
-        print(f"{n:34s} {med[n]:8.3f} {med[n] / med['bare']:7.3f} {med[n] / med['bare_lockstep']:10.3f} "
-              f"{wmed[n] / wmed['bare']:11.3f}")
+        print(f"{n:24s} {med[n]:8.3f} {med[n] / med['bare']:7.3f} {med[n] / med['bare_lockstep']:10.3f} "
+              f"{med[n] / med['simulated_null_engine']:13.3f} {wmed[n] / wmed['bare']:11.3f}")
     ev = facts["events"]
     print(f"events recorded: {ev}; host CPU added per event: "
           f"{1e6 * (med['simulated'] - med['bare']) / ev:.1f} us over bare, "
