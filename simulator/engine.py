@@ -85,7 +85,7 @@ class Simulation:
 
         One dict update for the sequence number, one call to the category's cached pricing
         function (``TimeModel.pricer``), one SimPy timeout, one tuple handed to the recorder.
-        ``ReferenceSimulation.charge`` is the same operation written plainly; both must
+        ``ReferenceSimulation`` does the same operation written plainly; both must
         write the same outputs (docs/benchmarks.md, "Engine cost per operation").
         """
         key = (client, category)
