@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
 
 import torch
@@ -55,6 +56,8 @@ DIRECTIONS = ("gaussian", "sphere")
 
 #: Elements of u generated at a time: the only temporary of a perturbation (float32: 256 KiB).
 CHUNK_ELEMENTS = 1 << 16
+#: Blocks whose float32 dot products sum (in float64) to the sphere direction's squared norm.
+NORM_BLOCK = 1 << 16
 
 
 def zo_seed(run_seed: int, *key: rng.KeyPart) -> int:
@@ -63,7 +66,7 @@ def zo_seed(run_seed: int, *key: rng.KeyPart) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Regenerating a direction
+# Drawing a direction
 # --------------------------------------------------------------------------------------------
 def _check(params: Sequence[torch.Tensor], direction: str) -> None:
     if direction not in DIRECTIONS:
@@ -80,16 +83,35 @@ def _check(params: Sequence[torch.Tensor], direction: str) -> None:
             raise ValueError(f"parameters are on several devices ({dev} and {p.device})")
 
 
-def _draws(sizes: Sequence[int], seed: int, device: torch.device) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-    """(tensor index, start, stop, float32 Gaussian chunk z) in parameter order, chunk by chunk."""
+def _generator(seed: int, device: torch.device) -> torch.Generator:
     device = torch.device(device)
     # meta tensors (memory accounting) have no generator of their own; a CPU one draws no values there
     g = torch.Generator(device="cpu" if device.type == "meta" else device)
     g.manual_seed(int(seed))
+    return g
+
+
+def _blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the consecutive blocks of at most ``block`` elements covering range(n)."""
+    for start in range(0, n, block):
+        yield start, min(n, start + block)
+
+
+def _draws(sizes: Sequence[int], seed: int, device: torch.device,
+           block: int | None = None) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """(tensor index, start, stop, float32 Gaussian chunk z) in parameter order, chunk by chunk.
+
+    Every chunk is drawn into ONE buffer of ``min(largest size, block)`` values, so the chunk
+    yielded is only valid until the next one is drawn (the consumer uses it at once).
+    """
+    block = CHUNK_ELEMENTS if block is None else block
+    g = _generator(seed, device)
+    buf = torch.empty(min(max(sizes, default=0), block), dtype=torch.float32, device=device)
     for i, n in enumerate(sizes):
-        for start in range(0, n, CHUNK_ELEMENTS):
-            stop = min(n, start + CHUNK_ELEMENTS)
-            yield i, start, stop, torch.randn(stop - start, generator=g, dtype=torch.float32, device=device)
+        for start, stop in _blocks(n, block):
+            z = buf[: stop - start]
+            torch.randn(stop - start, generator=g, dtype=torch.float32, device=device, out=z)
+            yield i, start, stop, z
 
 
 def _chunks(params: Sequence[torch.Tensor], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,17 +119,26 @@ def _chunks(params: Sequence[torch.Tensor], seed: int) -> Iterator[tuple[torch.T
     flats = [p.view(-1) for p in params]
     for i, start, stop, z in _draws([f.numel() for f in flats], seed, params[0].device):
         yield flats[i][start:stop], z
-        del z  # let the chunk go before the next one is drawn (one chunk alive at a time)
+
+
+def _norm_of_blocks(blocks: Iterator[torch.Tensor]) -> float:
+    """sqrt(sum of float32 dot products of the NORM_BLOCK-sized blocks, accumulated in float64)."""
+    total = 0.0
+    for z in blocks:
+        total += float(torch.dot(z, z))  # float32 within a block, float64 across blocks
+    return math.sqrt(total)
 
 
 @functools.lru_cache(maxsize=1024)
 def _sphere_norm(seed: int, sizes: tuple[int, ...], device: str) -> float:
-    """||z|| of the Gaussian draw of ``seed`` over parameters of these sizes (the first pass)."""
-    total = 0.0
-    for _, _, _, z in _draws(sizes, seed, torch.device(device)):
-        total += float(torch.dot(z, z))  # float32 within a chunk, float64 across chunks
-        del z
-    return math.sqrt(total)
+    """||z|| of the Gaussian draw of ``seed`` over parameters of these sizes (the norm pass)."""
+    return _norm_of_blocks(z for _, _, _, z in _draws(sizes, seed, torch.device(device), NORM_BLOCK))
+
+
+def _sphere_factor(norm: float, sizes: Sequence[int], seed: int) -> float:
+    if norm == 0.0:
+        raise ArithmeticError(f"seed {seed}: the Gaussian draw has norm 0; cannot normalise")
+    return math.sqrt(sum(sizes)) / norm
 
 
 def _direction_scale(params: Sequence[torch.Tensor], seed: int, direction: str) -> float:
@@ -115,12 +146,45 @@ def _direction_scale(params: Sequence[torch.Tensor], seed: int, direction: str) 
     if direction == "gaussian":
         return 1.0
     sizes = tuple(int(p.numel()) for p in params)
-    norm = _sphere_norm(int(seed), sizes, str(params[0].device))
-    if norm == 0.0:
-        raise ArithmeticError(f"seed {seed}: the Gaussian draw has norm 0; cannot normalise")
-    return math.sqrt(sum(sizes)) / norm
+    return _sphere_factor(_sphere_norm(int(seed), sizes, str(params[0].device)), sizes, seed)
 
 
+@dataclass
+class KeptDirection:
+    """A direction drawn once and kept (the server path): u = factor * z, z one float32 tensor
+    per parameter (flat), with the values the in-place path regenerates for the same seed."""
+
+    z: list[torch.Tensor]
+    factor: float  # 1 (gaussian) or sqrt(d)/||z|| (sphere)
+
+
+def draw_direction(params: Sequence[torch.Tensor], seed: int, direction: Direction = "gaussian") -> KeptDirection:
+    """Draw the direction of ``seed`` once, whole: ``d`` float32 values (memory of a parameter copy).
+
+    The draws are made block by block (``CHUNK_ELEMENTS``) from one generator, exactly as
+    ``perturb_`` regenerates them, so the values are the same on every device; the sphere's norm
+    is summed over the same ``NORM_BLOCK`` blocks as the norm pass, so its factor is the same
+    float too (no extra generation pass: the kept z is reused).
+    """
+    params = list(params)
+    _check(params, direction)
+    device = params[0].device
+    g = _generator(seed, device)
+    zs = [torch.empty(p.numel(), dtype=torch.float32, device=device) for p in params]
+    for z in zs:
+        for start, stop in _blocks(z.numel(), CHUNK_ELEMENTS):
+            torch.randn(stop - start, generator=g, dtype=torch.float32, device=device, out=z[start:stop])
+    factor = 1.0
+    if direction == "sphere":
+        sizes = [z.numel() for z in zs]
+        norm = _norm_of_blocks(z[a:b] for z in zs for a, b in _blocks(z.numel(), NORM_BLOCK))
+        factor = _sphere_factor(norm, sizes, seed)
+    return KeptDirection(zs, factor)
+
+
+# --------------------------------------------------------------------------------------------
+# The client path: regenerated in place, chunk by chunk
+# --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, direction: Direction = "gaussian") -> None:
     """In place: ``p += scale * u`` for every parameter, u regenerated from ``seed``.
@@ -136,7 +200,6 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, direction:
     c = float(scale) * _direction_scale(params, seed, direction)
     for view, z in _chunks(params, seed):
         view.add_(z.mul_(c))
-        del view, z
 
 
 def materialize_direction(params: Sequence[torch.Tensor], seed: int,
@@ -155,9 +218,9 @@ def probe_pair(params: Sequence[torch.Tensor], fn: Callable[[], object], lam: fl
                direction: Direction = "gaussian") -> tuple[object, object]:
     """(fn() at x + lam*u, fn() at x - lam*u), perturbing in place and restoring after.
 
-    MeZO's sequence: +lam*u, call, -2*lam*u, call, +lam*u. ``fn`` reads the parameters
-    in place (it may return a loss, an activation, anything). See the module docstring for
-    what the restore guarantees.
+    MeZO's sequence: +lam*u, call, -2*lam*u, call, +lam*u, u regenerated for each move.
+    ``fn`` reads the parameters in place (it may return a loss, an activation, anything). See
+    the module docstring for what the restore guarantees.
     """
     perturb_(params, seed, lam, direction)
     plus = fn()
@@ -174,6 +237,11 @@ def zo_probe(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: 
     return float(plus) - float(minus)
 
 
+def _check_coeffs(seeds: Sequence[int], coeffs: Sequence[float]) -> None:
+    if len(seeds) != len(coeffs) or not seeds:
+        raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coeffs)} coefficients")
+
+
 @torch.no_grad()
 def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Sequence[float], lr: float,
                direction: Direction = "gaussian") -> None:
@@ -181,26 +249,53 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Seq
 
     ``coeff_p = (F+ - F-) / (2*lam)`` is the projected gradient along u_p; P = len(seeds).
     """
-    if len(seeds) != len(coeffs) or not seeds:
-        raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coeffs)} coefficients")
+    _check_coeffs(seeds, coeffs)
     P = len(seeds)
     for s, coeff in zip(seeds, coeffs):
         perturb_(params, s, -lr * float(coeff) / P, direction)
 
 
+# --------------------------------------------------------------------------------------------
+# The server path: one draw per direction, kept for the whole step
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
 def zo_step_(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: float, lr: float,
              seeds: Sequence[int], direction: Direction = "gaussian") -> tuple[list[float], float]:
     """One full ZO-SGD step: P probes, then the update. Returns (coefficients, mean of F+/F-).
 
+    Each direction is drawn ONCE (``draw_direction``) and kept until the update: the step
+    holds P directions plus one scaled copy, ``(P + 1) * d`` float32 values (the Split Server
+    is not memory-bound; the client path above regenerates instead). The moves are MeZO's,
+    element for element the same floating-point operations as ``probe_pair`` then
+    ``zo_update_``: ``x += fl(z*c)``, ``x += -2 fl(z*c)`` (exact doubling: the same value as
+    ``fl(z*(-2c))``), ``x += fl(z*c)``, then per direction ``x += fl(z*c_p)``. So this step
+    leaves bit for bit the parameters, coefficients and losses of the regenerating path
+    (tested), restore drift included; it just generates each u once instead of four times.
+
     The mean of the probed losses, ``(1/P) sum_p (F+ + F-)/2``, estimates F(x) to second order
     in lam at no extra forward: a free training-loss reading.
     """
-    coeffs, mids = [], []
+    params = list(params)
+    _check(params, direction)
+    flats = [p.view(-1) for p in params]
+    kept, coeffs, mids = [], [], []
     for s in seeds:
-        plus, minus = probe_pair(params, loss_fn, lam, s, direction)
+        u = draw_direction(params, s, direction)
+        moved = torch._foreach_mul(u.z, float(lam) * u.factor)  # fl(z * c), c = fl32(lam * factor)
+        torch._foreach_add_(flats, moved)
+        plus = loss_fn()
+        torch._foreach_add_(flats, moved, alpha=-2.0)
+        minus = loss_fn()
+        torch._foreach_add_(flats, moved)
+        del moved
+        kept.append(u)
         coeffs.append((float(plus) - float(minus)) / (2.0 * lam))
         mids.append(0.5 * (float(plus) + float(minus)))
-    zo_update_(params, seeds, coeffs, lr, direction)
+    _check_coeffs(seeds, coeffs)
+    P = len(seeds)
+    for u, coeff in zip(kept, coeffs):
+        torch._foreach_mul_(u.z, float(-lr * float(coeff) / P) * u.factor)  # the same constant as zo_update_
+        torch._foreach_add_(flats, u.z)
     return coeffs, sum(mids) / len(mids)
 
 
