@@ -56,8 +56,47 @@ DIRECTIONS = ("gaussian", "sphere")
 
 #: Elements of u generated at a time: the only temporary of a perturbation (float32: 256 KiB).
 CHUNK_ELEMENTS = 1 << 16
+#: Largest slice the in-place path's elementwise ops (``z *= c``, ``p += z``) work on: torch's
+#: grain size (``at::internal::GRAIN_SIZE``), below which an elementwise op runs on the calling
+#: thread. On 64K-value slices the ops forked two threads, and with 2 threads on a shared CPU a
+#: pass took 5-40x longer than on 1 (``benchmarks/zo_cost.py --threads-table``); on 32K slices
+#: it does not depend on the thread count. The draws (and so the values) are unchanged.
+SERIAL_ELEMENTS = 1 << 15
 #: Blocks whose float32 dot products sum (in float64) to the sphere direction's squared norm.
 NORM_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a ZO operation does besides its forwards, in elements: elementwise ops over the
+    parameters and random numbers drawn. The algorithms charge ``flops(price)`` as FLOPs
+    (``time.zo_elementwise_flops_per_element``) and ``rng`` as ``rng_elements`` (priced by the
+    latency models at ``time.zo_rng_flops_per_element``). Counting, not pricing: no clock here."""
+
+    elementwise: int
+    rng: int
+
+    def flops(self, flops_per_element: float) -> float:
+        """FLOP-equivalents of the elementwise ops at ``flops_per_element`` each."""
+        return float(flops_per_element) * self.elementwise
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.elementwise + other.elementwise, self.rng + other.rng)
+
+
+def pass_work(n: int, passes: int, norm_passes: int = 0) -> Work:
+    """The client path: ``passes`` calls of ``perturb_`` over n parameters (each draws n values,
+    then ``z *= c`` and ``p += z``: 2 ops), and ``norm_passes`` sphere norm passes (each draws n
+    values and sums ``z . z``: 1 op); a seed's norm pass runs once (cached)."""
+    return Work(elementwise=n * (2 * passes + norm_passes), rng=n * (passes + norm_passes))
+
+
+def step_work(n: int, P: int, direction: str) -> Work:
+    """The server path, ``zo_step_`` over n parameters with P directions: per direction one draw
+    of n values and 6 ops (``c*z``, +, -2x, + for the probe; ``z *= c_p``, + for the update),
+    plus the sphere's ``z . z`` on the kept draw (no second draw)."""
+    ops = 6 + (1 if direction == "sphere" else 0)
+    return Work(elementwise=P * n * ops, rng=P * n)
 
 
 def zo_seed(run_seed: int, *key: rng.KeyPart) -> int:
@@ -115,10 +154,15 @@ def _draws(sizes: Sequence[int], seed: int, device: torch.device,
 
 
 def _chunks(params: Sequence[torch.Tensor], seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(flat view of a slice of a parameter, the matching float32 slice of the Gaussian z)."""
+    """(flat view of a slice of a parameter, the matching float32 slice of the Gaussian z).
+
+    Slices hold at most ``SERIAL_ELEMENTS`` values, so the elementwise ops on them never fork
+    threads (see ``SERIAL_ELEMENTS``); the draws themselves are ``CHUNK_ELEMENTS`` at a time.
+    """
     flats = [p.view(-1) for p in params]
     for i, start, stop, z in _draws([f.numel() for f in flats], seed, params[0].device):
-        yield flats[i][start:stop], z
+        for a, b in _blocks(stop - start, SERIAL_ELEMENTS):
+            yield flats[i][start + a:start + b], z[a:b]
 
 
 def _norm_of_blocks(blocks: Iterator[torch.Tensor]) -> float:
