@@ -1,6 +1,8 @@
 """What a ZO step costs on this CPU, and is it priced as it costs? Host-time ratios, side by side.
 
-Three tables, every figure a ratio of medians of alternated repetitions (one run):
+Three tables, every figure a ratio of medians of alternated repetitions (one run). With one
+torch thread the clock is the thread's CPU time (``time.thread_time``), which a shared CPU's
+other jobs do not inflate by descheduling us; with more threads it is wall time.
 
 1. **Server ZO step / its 2P server forwards** (``server_zo_step``, directions drawn once and
    kept) next to the regenerating path it replaced (``zo.probe_pair`` then ``zo.zo_update_``,
@@ -14,13 +16,13 @@ Three tables, every figure a ratio of medians of alternated repetitions (one run
    0.75-1.25 is the target.
 3. **Per-element prices**, in FLOP-equivalents at the FLOP rate of each model's own
    first-order server step: one N(0, 1) float32 draw (``time.zo_rng_flops_per_element``) and
-   one elementwise op over the parameters (an add; ``zo.ELEMENTWISE_FLOPS_PER_ELEMENT``).
+   one elementwise op over the parameters (an add; ``time.zo_elementwise_flops_per_element``).
 
 ``--threads-table`` adds the host time of one in-place pass of the client path per element,
 with its elementwise ops on slices of 64K values (before) and of ``zo.SERIAL_ELEMENTS``
 (after), at 1 and 2 threads. Usage:
 
-    python benchmarks/zo_cost.py [--reps 9] [--threads 1] [--threads-table]
+    python benchmarks/zo_cost.py [--reps 9] [--threads 1] [--threads-table] [--steps-only]
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from simulator.algorithms import mu_splitfed as mu  # noqa: E402
 from simulator.algorithms.common import forward, leaf, params_of  # noqa: E402
 from simulator.algorithms.splitfed import client_backward_step  # noqa: E402
 from simulator.runner import run_scenario  # noqa: E402
-from simulator.scenario import ZO_RNG_FLOPS_PER_ELEMENT, validate  # noqa: E402
+from simulator.scenario import ZO_ELEMENTWISE_FLOPS_PER_ELEMENT, ZO_RNG_FLOPS_PER_ELEMENT, validate  # noqa: E402
 
 BATCH = 32
 CASES = (("alexnet", 2), ("small_cnn", 1))
@@ -52,16 +54,22 @@ class _Cfg:
     lr_client, momentum, weight_decay = 1e-3, 0.0, 0.0
 
 
+def clock():
+    """CPU time of this thread when torch runs on it alone (1 thread): what the work costs, not
+    how long other jobs on a shared CPU kept it waiting; wall time when torch uses more threads."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
 def timed(fns: dict, reps: int) -> dict:
-    """Median host seconds of each function, every function run once per repetition (alternated)."""
+    """Median seconds (``clock``) of each function, every function run once per repetition (alternated)."""
     times: dict = {k: [] for k in fns}
     for f in fns.values():
         f()  # warm-up
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -215,13 +223,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--threads-table", action="store_true", help="also time a client pass at 1 and 2 threads")
+    ap.add_argument("--steps-only", action="store_true", help="only table 1 (server step / 2P forwards)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} reps={args.reps} time.zo_rng_flops_per_element={ZO_RNG_FLOPS_PER_ELEMENT:g} "
-          f"zo.ELEMENTWISE_FLOPS_PER_ELEMENT={zo.ELEMENTWISE_FLOPS_PER_ELEMENT:g}\n")
+    print(f"threads={args.threads} clock={'thread CPU' if args.threads == 1 else 'wall'} reps={args.reps} "
+          f"time.zo_rng_flops_per_element={ZO_RNG_FLOPS_PER_ELEMENT:g} "
+          f"time.zo_elementwise_flops_per_element={ZO_ELEMENTWISE_FLOPS_PER_ELEMENT:g}\n")
     print("| model | batch | P | regenerating step / 2P forwards (before) | kept step / 2P forwards (after) |")
     print("|---|---:|---:|---:|---:|")
     server_step_table(args.reps)
+    if args.steps_only:
+        return
     print("\n| model | side | charged ZO/FO | measured ZO/FO | charged / measured |")
     print("|---|---|---:|---:|---:|")
     rows = pricing_table(args.reps)  # prints the charged/measured rows as they are measured

@@ -1,32 +1,51 @@
-"""Zeroth-order (ZO) estimation, in place and seeded: the MeZO trick.
+"""Zeroth-order (ZO) estimation, seeded: in place on the client (the MeZO trick), drawn once on the server.
 
 Two-point central difference (SPSA) with P perturbations and smoothing radius ``lam``::
 
     g = (1/P) * sum_p [F(x + lam*u_p) - F(x - lam*u_p)] / (2*lam) * u_p
 
-A direction ``u_p`` is never stored: it is regenerated, chunk by chunk, from a seed each time
-it is needed (to perturb, to restore, to update). Parameters are perturbed IN PLACE, so a ZO
-step holds no second copy of the parameters; everything here runs under ``torch.no_grad``, so
-it builds no autograd graph. The only temporary is one chunk of ``u`` (``CHUNK_ELEMENTS``
-float32 values, 256 KiB), whatever the model's size.
+Two paths compute it, with the same directions and the same floating-point results:
+
+- **Client path** (``perturb_``, ``probe_pair``, ``zo_probe``, ``zo_update_``; MU-SplitFed's
+  clients, GAS's ZO clients): a direction ``u_p`` is never stored. It is regenerated, chunk by
+  chunk, from its seed each time it is needed (to perturb, to restore, to update), and the
+  parameters are perturbed IN PLACE, so a step holds no second copy of the parameters. The
+  only temporary is one chunk of ``u`` (``CHUNK_ELEMENTS`` float32 values, 256 KiB), whatever
+  the model's size: the memory saving is the point (docs/memory.md). The elementwise ops work
+  on slices of at most ``SERIAL_ELEMENTS`` values, so they never fork threads.
+- **Server path** (``zo_step_``; MU-SplitFed's Split Server): each direction is drawn ONCE per
+  step (``draw_direction``) and kept until the update, ``(P + 1) * d`` float32 values: one
+  generation per direction instead of four. It replays the client path's operations element
+  for element (+lam u, -2 lam u, +lam u in place, then the update), so it leaves the same bits.
+
+Everything here runs under ``torch.no_grad``: no autograd graph.
 
 Directions (``direction``):
 
 - ``gaussian``: u ~ N(0, I) (the authors' code base, DeComFL, and MeZO);
 - ``sphere``: u uniform on the sphere of radius sqrt(d) over ALL parameters jointly (the
-  MU-SplitFed paper), i.e. ``u = sqrt(d) * z / ||z||`` with z the Gaussian draw. The global
-  norm ``||z||`` needs a first pass that regenerates every chunk without touching the
-  parameters (one extra generation pass); it is cached per (seed, sizes), so a probe and its
-  update pay it once.
+  MU-SplitFed paper), i.e. ``u = sqrt(d) * z / ||z||`` with z the Gaussian draw. ``||z||^2`` is
+  the float64 sum of the float32 dot products of z's ``NORM_BLOCK``-value blocks. The client
+  path needs a first pass that regenerates every chunk without touching the parameters (one
+  extra generation pass), cached per (seed, sizes), so a probe and its update pay it once; the
+  server path sums the same blocks of its kept draw (no extra generation).
 
 Both satisfy E[u u^T] = I, so the estimator is unbiased for the gradient of the smoothed loss.
 
-Seeds come from ``zo_seed`` (stream ``zo`` of ``simulator.rng``). The sequence of values drawn
-for a seed depends on ``CHUNK_ELEMENTS`` and on the parameters' sizes and order: changing either
-changes the directions (not their distribution).
+The random layout: seeds come from ``zo_seed`` (stream ``zo`` of ``simulator.rng``); a seed's
+values are drawn from one torch generator, tensor by tensor in parameter order, each tensor in
+consecutive calls of ``CHUNK_ELEMENTS`` values (its last call shorter). Changing
+``CHUNK_ELEMENTS`` or the parameters' sizes or order changes the directions (not their
+distribution): on CPU a call whose size is under 16 is drawn by another kernel than a longer
+one, and on CUDA every call advances the generator by its own offset. Both paths draw in these
+same calls. **History**: up to commit c051211 the server step used the client path (four
+generations per direction); the server path from the commit after it keeps the RNG layout and
+produces bit-identical parameters, coefficients and losses (``tests/test_zo.py``), so runs
+reproduce the earlier trajectories exactly. Splitting the client path's elementwise ops into
+``SERIAL_ELEMENTS`` slices does not change a value either.
 
-Restoring after a probe (what is guaranteed): ``zo_probe`` uses MeZO's op sequence
-(+lam*u, -2*lam*u, +lam*u). In floating point this is NOT always the identity, and no in-place
+Restoring after a probe (what is guaranteed, on both paths): MeZO's op sequence
+(+lam*u, -2*lam*u, +lam*u) is NOT always the identity in floating point, and no in-place
 scheme can make it one: for a fixed perturbation ``d`` the map ``x -> fl(x + d)`` sends every
 float32 ``x`` with ``|x| << |d|`` onto the same few values near ``d`` (pigeonhole), so those
 bits of ``x`` are gone unless they are stored elsewhere, which is the parameter copy the trick
@@ -38,7 +57,12 @@ exists to avoid. What we guarantee instead, and test:
   the elements come back bit-exact, the others move by about one ulp;
 - the drift is measured by ``restore_drift`` (``benchmarks/zo_memory.py`` reports it).
 
-This module never sees the clock, never prints, and draws no randomness outside ``zo`` seeds.
+The server path keeps this drift on purpose (an out-of-place probe would have none, but would
+change every trajectory at the ulp level): its result is the client path's, bit for bit.
+
+``Work``, ``pass_work`` and ``step_work`` count what each path does besides its forwards
+(elementwise ops and random numbers, in elements): the algorithms charge those counts. This
+module never sees the clock, never prints, and draws no randomness outside ``zo`` seeds.
 """
 from __future__ import annotations
 
