@@ -38,7 +38,8 @@ consecutive calls of ``CHUNK_ELEMENTS`` values (its last call shorter). Changing
 ``CHUNK_ELEMENTS`` or the parameters' sizes or order changes the directions (not their
 distribution): on CPU a call whose size is under 16 is drawn by another kernel than a longer
 one, and on CUDA every call advances the generator by its own offset. Both paths draw in these
-same calls. **History**: up to commit c051211 the server step used the client path (four
+same calls. (torch's CPU kernel without SIMD, ``ATEN_CPU_CAPABILITY=default``, rounds the
+Box-Muller transform differently from its AVX2/AVX-512 kernels, which agree: other low bits.) **History**: up to commit c051211 the server step used the client path (four
 generations per direction); the server path from the commit after it keeps the RNG layout and
 produces bit-identical parameters, coefficients and losses (``tests/test_zo.py``), so runs
 reproduce the earlier trajectories exactly. Splitting the client path's elementwise ops into
