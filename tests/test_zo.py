@@ -1,10 +1,11 @@
-"""Tests of simulator.zo: the seeded in-place ZO estimator (MeZO trick)."""
+"""Tests of simulator.zo: the seeded ZO estimator (in place on the client, drawn once on the server)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from simulator import rng, zo
 
@@ -235,3 +236,42 @@ def test_kept_step_holds_its_directions_only_for_the_step():
         zo.zo_step_(ps, lambda: float(ps[0].sum()), 0.005, 0.01, [1, 2], "gaussian")
     assert 3 * 4 * d <= tracker.peak <= 3 * 4 * d + 4 * 1024  # (P + 1) d float32, plus scalars
     assert tracker.current == 0  # nothing of the step outlives it
+
+
+class _WorkCounter(TorchDispatchMode):
+    """Counts what ops really touch: drawn values (normal_) and elements of elementwise ops."""
+
+    ELEMENTWISE = {"mul", "mul_", "add", "add_", "dot", "_foreach_mul", "_foreach_mul_", "_foreach_add_"}
+
+    def __init__(self):
+        super().__init__()
+        self.rng = self.elementwise = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "normal_" or name in self.ELEMENTWISE:
+            first = args[0]
+            n = sum(t.numel() for t in first) if isinstance(first, (list, tuple)) else first.numel()
+            if name == "normal_":
+                self.rng += n
+            else:
+                self.elementwise += n
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+def test_charged_work_counts_are_the_work_done(direction):
+    """zo.step_work / pass_work (what the algorithms charge) equal the draws and ops really run."""
+    ps = _odd_params()
+    n = sum(p.numel() for p in ps)
+    with _WorkCounter() as c:
+        zo.zo_step_(ps, lambda: 0.0, 0.005, 0.01, [4, 5], direction)
+    assert (c.elementwise, c.rng) == (zo.step_work(n, 2, direction).elementwise, zo.step_work(n, 2, direction).rng)
+    zo._sphere_norm.cache_clear()
+    sphere = 1 if direction == "sphere" else 0
+    with _WorkCounter() as c:  # a new seed: sphere pays its norm pass once
+        zo.perturb_(ps, 6, 0.1, direction)
+    assert (c.elementwise, c.rng) == (zo.pass_work(n, 1, sphere).elementwise, zo.pass_work(n, 1, sphere).rng)
+    with _WorkCounter() as c:  # the same seed again (the restore, the update): no norm pass
+        zo.perturb_(ps, 6, -0.1, direction)
+    assert (c.elementwise, c.rng) == (zo.pass_work(n, 1).elementwise, zo.pass_work(n, 1).rng)
