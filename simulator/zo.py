@@ -105,9 +105,6 @@ class Work:
         """FLOP-equivalents of the elementwise ops at ``flops_per_element`` each."""
         return float(flops_per_element) * self.elementwise
 
-    def __add__(self, other: "Work") -> "Work":
-        return Work(self.elementwise + other.elementwise, self.rng + other.rng)
-
 
 def pass_work(n: int, passes: int, norm_passes: int = 0) -> Work:
     """The client path: ``passes`` calls of ``perturb_`` over n parameters (each draws n values,
@@ -346,6 +343,8 @@ def zo_step_(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: 
     """
     params = list(params)
     _check(params, direction)
+    if not seeds:
+        raise ValueError("need at least one seed (P >= 1)")
     flats = [p.view(-1) for p in params]
     kept, coeffs, mids = [], [], []
     for s in seeds:
@@ -360,7 +359,6 @@ def zo_step_(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: 
         kept.append(u)
         coeffs.append((float(plus) - float(minus)) / (2.0 * lam))
         mids.append(0.5 * (float(plus) + float(minus)))
-    _check_coeffs(seeds, coeffs)
     P = len(seeds)
     for u, coeff in zip(kept, coeffs):
         torch._foreach_mul_(u.z, float(-lr * float(coeff) / P) * u.factor)  # the same constant as zo_update_

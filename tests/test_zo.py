@@ -169,6 +169,10 @@ def test_bad_inputs_fail_loudly():
         zo.zo_update_([torch.zeros(3)], [1, 2], [0.1], 0.1)
     with pytest.raises(ValueError, match="contiguous"):
         zo.perturb_([torch.zeros(4, 4).t()], 0, 1.0)
+    with pytest.raises(ValueError, match="at least one seed"):
+        zo.zo_step_([torch.zeros(3)], lambda: 0.0, 0.01, 0.1, [])
+    with pytest.raises(ValueError, match="direction"):
+        zo.draw_direction([torch.zeros(3)], 0, "uniform")
 
 
 # --------------------------------------------------------------------------------------------

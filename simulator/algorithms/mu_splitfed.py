@@ -42,14 +42,15 @@ Choices where the paper is silent (also in docs/mu_splitfed.md):
 - P (``perturbations``) is used by the client probes AND by each server ZO step;
 - server ZO step FLOPs: 2P server forwards (no unperturbed forward: the central difference
   does not need it; the recorded training loss is the free midpoint (F+ + F-)/2) plus the
-  in-place passes over the server parameters (3 per probe and 1 per update, 2 FLOPs per
-  element each), and the random numbers those passes regenerate (4P per parameter, 5P with
-  ``sphere``'s norm pass) as ``rng_elements``, priced at ``time.zo_rng_flops_per_element``;
-  a first-order server step is the profiled forward + backward (the backward
-  includes dL/dh, which this step does not need: a slight overestimate) plus the SGD axpy;
-- client perturbed forwards carry their in-place passes: h+ one pass, h- two (the -2 lam
-  move and the restore); the client ZO update is one pass per perturbation. Each pass
-  regenerates u: its random numbers are charged as ``rng_elements`` (docs/time-model.md);
+  elementwise ops over the server parameters (``zo.step_work``: each direction is drawn once
+  and kept, then 6 ops, 7 with ``sphere``'s norm) at ``time.zo_elementwise_flops_per_element``
+  each, and the P draws per parameter as ``rng_elements``, priced at
+  ``time.zo_rng_flops_per_element``; a first-order server step is the profiled forward +
+  backward (the backward includes dL/dh, which this step does not need: an overestimate, half
+  the backward on the small CNN) plus the SGD axpy;
+- client perturbed forwards carry their in-place passes (``zo.pass_work``: 2 elementwise ops
+  and one draw per parameter each): h+ one pass, h- two (the -2 lam move and the restore); the
+  client ZO update is one pass per perturbation (docs/time-model.md);
 - each client message takes its uplink in turn (a client sends one message at a time).
 """
 from __future__ import annotations
