@@ -67,6 +67,7 @@ module never sees the clock, never prints, and draws no randomness outside ``zo`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -324,6 +325,26 @@ def zo_update_(params: Sequence[torch.Tensor], seeds: Sequence[int], coeffs: Seq
 # --------------------------------------------------------------------------------------------
 # The server path: one draw per direction, kept for the whole step
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _on_one_thread():
+    """Run the enclosed (memory-bound, elementwise) ops on the calling thread only.
+
+    Whole-tensor elementwise ops fork torch's intra-op threads; with 2 threads on a shared CPU
+    the fork-join stalled four ops over the AlexNet server part to 406 ms against 30 ms on one
+    thread (``benchmarks/zo_cost.py --threads 2``). Results do not depend on the thread count.
+    The forwards between the moves keep the caller's threads.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def zo_step_(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: float, lr: float,
              seeds: Sequence[int], direction: Direction = "gaussian") -> tuple[list[float], float]:
@@ -349,20 +370,24 @@ def zo_step_(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], lam: 
     kept, coeffs, mids = [], [], []
     for s in seeds:
         u = draw_direction(params, s, direction)
-        moved = torch._foreach_mul(u.z, float(lam) * u.factor)  # fl(z * c), c = fl32(lam * factor)
-        torch._foreach_add_(flats, moved)
+        with _on_one_thread():
+            moved = torch._foreach_mul(u.z, float(lam) * u.factor)  # fl(z * c), c = fl32(lam * factor)
+            torch._foreach_add_(flats, moved)
         plus = loss_fn()
-        torch._foreach_add_(flats, moved, alpha=-2.0)
+        with _on_one_thread():
+            torch._foreach_add_(flats, moved, alpha=-2.0)
         minus = loss_fn()
-        torch._foreach_add_(flats, moved)
+        with _on_one_thread():
+            torch._foreach_add_(flats, moved)
         del moved
         kept.append(u)
         coeffs.append((float(plus) - float(minus)) / (2.0 * lam))
         mids.append(0.5 * (float(plus) + float(minus)))
     P = len(seeds)
-    for u, coeff in zip(kept, coeffs):
-        torch._foreach_mul_(u.z, float(-lr * float(coeff) / P) * u.factor)  # the same constant as zo_update_
-        torch._foreach_add_(flats, u.z)
+    with _on_one_thread():
+        for u, coeff in zip(kept, coeffs):
+            torch._foreach_mul_(u.z, float(-lr * float(coeff) / P) * u.factor)  # the same constant as zo_update_
+            torch._foreach_add_(flats, u.z)
     return coeffs, sum(mids) / len(mids)
 
 

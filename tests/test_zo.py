@@ -279,3 +279,25 @@ def test_charged_work_counts_are_the_work_done(direction):
     with _WorkCounter() as c:  # the same seed again (the restore, the update): no norm pass
         zo.perturb_(ps, 6, -0.1, direction)
     assert (c.elementwise, c.rng) == (zo.pass_work(n, 1).elementwise, zo.pass_work(n, 1).rng)
+
+
+def test_kept_step_gives_the_same_bits_at_any_thread_count_and_restores_it():
+    """At 2 torch threads the server step leaves the bits of 1 thread, and the thread count."""
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ps = _odd_params()
+            seen = []
+            # (a loss whose sums stay under torch's grain size: a parallel sum would round otherwise)
+            coeffs = zo.zo_step_(ps, lambda: seen.append(torch.get_num_threads())
+                                 or float(ps[0][:1000].sum()) + float(ps[2][-1000:].sum()),
+                                 0.005, 0.01, [8, 9], "gaussian")
+            assert seen == [threads] * 4  # the forwards keep the caller's threads
+            assert torch.get_num_threads() == threads
+            out.append((coeffs, ps))
+    finally:
+        torch.set_num_threads(before)
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
