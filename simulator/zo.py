@@ -16,7 +16,8 @@ Two paths compute it, with the same directions and the same floating-point resul
 - **Server path** (``zo_step_``; MU-SplitFed's Split Server): each direction is drawn ONCE per
   step (``draw_direction``) and kept until the update, ``(P + 1) * d`` float32 values: one
   generation per direction instead of four. It replays the client path's operations element
-  for element (+lam u, -2 lam u, +lam u in place, then the update), so it leaves the same bits.
+  for element (+lam u, -2 lam u, +lam u in place, then the update), so it leaves the same bits;
+  its elementwise ops run on the calling thread only (``_on_one_thread``), the forwards on all.
 
 Everything here runs under ``torch.no_grad``: no autograd graph.
 
