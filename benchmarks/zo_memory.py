@@ -7,14 +7,15 @@ created during the step and still alive (parameters and inputs excluded):
 - ``zo client step``: MU-SplitFed's ``client_activation`` (h), then per perturbation
   ``probe_plus`` (h+) and ``probe_minus`` (h-, in place: +lam u, -2 lam u, +lam u) and
   ``client_zo_update`` (``gaussian`` and ``sphere``);
-- ``zo server step``: MU-SplitFed's ``server_zo_step`` (two forwards per direction and the update);
+- ``zo server step``: MU-SplitFed's ``server_zo_step`` (two forwards per direction and the update;
+  each direction drawn once and kept for the step: ``(P + 1) * d`` float32 values);
 - ``fo client step``: SplitFed's client: forward, then ``client_backward_step`` (backward of a
   dL/dh, SGD step), for comparison;
 - ``fo server step``: SplitFed's ``server_step`` (forward, backward, dL/dh, SGD step).
 
 It also measures what a probe leaves behind (``zo.restore_drift``: the fraction of
 elements not restored bit for bit and the largest change against the rounding bound) and the
-host time of one in-place pass (regenerating u) per million parameters.
+host time of one in-place pass of the client path (regenerating u) per million parameters.
 
     python benchmarks/zo_memory.py            # AlexNet-style network of the papers, cut 2
     python benchmarks/zo_memory.py --cut 1 --batch 32

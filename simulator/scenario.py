@@ -48,10 +48,13 @@ from simulator.config import (
 from simulator.data import DATASETS
 from simulator.errors import ScenarioError
 
-#: Measured by ``benchmarks/zo_cost.py`` (docs/benchmarks.md): one N(0,1) float32 drawn with
-#: torch's CPU generator in 64K chunks and added to a parameter costs as much host time as this
-#: many FLOPs of the model's own forward/backward (AlexNet server part, 1 thread).
-ZO_RNG_FLOPS_PER_ELEMENT = 600.0
+#: Measured by ``benchmarks/zo_cost.py`` (docs/benchmarks.md, docs/time-model.md): drawing one
+#: N(0,1) float32 with torch's CPU generator costs as much host time as this many FLOPs of the
+#: model's own first-order step (AlexNet server part, 1 thread).
+ZO_RNG_FLOPS_PER_ELEMENT = 350.0
+#: Measured the same way: one elementwise op over float32 parameters (``p += z``, ``z *= c``),
+#: per element. Memory-bound work, which FlopCounterMode would count as 1 FLOP.
+ZO_ELEMENTWISE_FLOPS_PER_ELEMENT = 32.0
 
 # The allowed names come from the registries (add a dataset or model there, not here). Text
 # datasets go with text models, image datasets with image models.
@@ -220,9 +223,14 @@ class TimeConfig(Strict):
     )
     zo_rng_flops_per_element: NonNegFloat = Field(
         ZO_RNG_FLOPS_PER_ELEMENT,
-        description="FLOP-equivalents charged for each random number a ZO step regenerates and applies to a "
-                    "parameter (client and server, at their FLOP/s). Default measured by benchmarks/zo_cost.py "
-                    "on a 2-core x86 CPU (docs/benchmarks.md); 0 prices only the arithmetic.")
+        description="FLOP-equivalents charged for each random number a ZO step draws (client and server, at "
+                    "their FLOP/s). Default measured by benchmarks/zo_cost.py on a 2-core x86 CPU "
+                    "(docs/benchmarks.md); 0 prices only the arithmetic.")
+    zo_elementwise_flops_per_element: NonNegFloat = Field(
+        ZO_ELEMENTWISE_FLOPS_PER_ELEMENT,
+        description="FLOP-equivalents counted per element of each elementwise op a ZO step runs over the "
+                    "parameters (scale a direction, add it, the sphere's norm). Default measured by "
+                    "benchmarks/zo_cost.py (docs/benchmarks.md).")
 
 
 class EvalConfig(Strict):

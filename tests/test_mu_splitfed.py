@@ -31,7 +31,9 @@ def _mlp_profile(batch: int = 16):
 PROF = _mlp_profile()
 N_C = PROF.client_params  # 8320 client parameters
 N_S = PROF.server_params  # 8906 server parameters
-ZO_STEP_FLOPS = 2 * PROF.server_forward_flops + 8 * N_S  # 2*282624 + 8*8906 = 636496
+# Elementwise ops priced at 1 FLOP each (the scenario below): a server ZO step (P = 1) is 2
+# forwards + 6 ops over its parameters (zo.step_work), a client pass 2 ops (zo.pass_work).
+ZO_STEP_FLOPS = 2 * PROF.server_forward_flops + 6 * N_S  # 2*282624 + 6*8906 = 618684
 SERVER_FLOPS_PER_S = 4 * ZO_STEP_FLOPS  # a server ZO step takes exactly 0.25 s
 
 
@@ -49,6 +51,7 @@ def _scenario(**algo) -> dict:
             "network": {"uplink": {"bandwidth_mbps": 1e6, "latency_s": 0.1},
                         "downlink": {"bandwidth_mbps": 1e6, "latency_s": 0.1}},
             "zo_rng_flops_per_element": 0,  # the hand arithmetic below prices FLOPs only
+            "zo_elementwise_flops_per_element": 1,  # ... and one FLOP per elementwise op
         },
         "eval": {"every_rounds": 1},
         "stop": {"rounds": 1},
@@ -99,8 +102,8 @@ def test_golden_timeline_adaptive_tau_with_server_contention():
     plus = (PROF.client_forward_flops + 2 * N_C) / PROF.client_forward_flops    # 1.0634765625 s
     minus = (PROF.client_forward_flops + 4 * N_C) / PROF.client_forward_flops   # 1.126953125 s
     update = 2 * N_C / PROF.client_forward_flops                                # 0.0634765625 s
-    step = 0.25                              # 636496 / 2545984
-    loss_diff = 2 * PROF.server_forward_flops / SERVER_FLOPS_PER_S              # 0.2220159... s
+    step = 0.25                              # 618684 / 2474736
+    loss_diff = 2 * PROF.server_forward_flops / SERVER_FLOPS_PER_S              # 0.2284074... s
     act, lab, model = PROF.activation_bytes, PROF.label_bytes, PROF.client_param_bytes  # 8192, 128, 33280
 
     # Fast clients 0 and 1 (identical timelines):
@@ -119,27 +122,27 @@ def test_golden_timeline_adaptive_tau_with_server_contention():
     # after 3.39043001928 -> client 0: k = 5 (ends 3.4500003328), client 1: k = 5 (ends 3.7000003328).
     assert rows[0]["tau_used"] == 5 and rows[1]["tau_used"] == 5
     assert rows[0]["server_idle_s"] == 0 and rows[1]["server_idle_s"] == 0
-    # Client 0's loss differences queue behind client 1's 5th step: they run 3.70..3.92201598,
-    # client 1's right after: 3.92201598..4.14403196. Each sends 4 bytes down (L(4)).
+    # Client 0's loss differences queue behind client 1's 5th step: they run 3.70..3.92840773,
+    # client 1's right after: 3.92840773..4.15681512. Each sends 4 bytes down (L(4)).
     done0 = t_h + 10 * step + loss_diff + L(4) + update + L(model)
     done1 = t_h + 10 * step + 2 * loss_diff + L(4) + update + L(model)
-    assert rows[0]["end_s"] == pytest.approx(done0, rel=1e-12)        # 4.18549...
-    assert rows[1]["end_s"] == pytest.approx(done1, rel=1e-12)        # 4.40750...
+    assert rows[0]["end_s"] == pytest.approx(done0, rel=1e-12)        # 4.19188...
+    assert rows[1]["end_s"] == pytest.approx(done1, rel=1e-12)        # 4.42029...
     assert rows[0]["client_wait_s"] == pytest.approx(t_h + 10 * step + loss_diff + L(4) - (t_last - L(act)))
 
     # Slow client 2 (4x: forward 4 s, h+ 4.25390625 s, h- 4.5078125 s, update 0.25390625 s):
     #   h arrives 0.10000026624 + 4 + L(8320) = 4.2000003328, the server is free (client 1's loss
-    #   differences ended at 4.144); last perturbed arrival 0.10000026624 + 4 + 4.25390625
+    #   differences ended at 4.157); last perturbed arrival 0.10000026624 + 4 + 4.25390625
     #   + 4.5078125 + L(8192) = 12.96171908178; it would take ceil(35.05) = 36 steps: capped at
     #   tau_max = 10 (ends 6.7000003328), then the server copy idles 6.26171874898 s.
     t_h2 = L(model) + 4 * fwd + L(act + lab)
     t_last2 = L(model) + 4 * (fwd + plus + minus) + L(act)
     assert rows[2]["tau_used"] == 10
     assert rows[2]["server_idle_s"] == pytest.approx(t_last2 - (t_h2 + 10 * step), rel=1e-12)
-    done2 = t_last2 + loss_diff + L(4) + 4 * update + L(model)       # 13.63764...
+    done2 = t_last2 + loss_diff + L(4) + 4 * update + L(model)       # 13.64403...
     assert rows[2]["end_s"] == pytest.approx(done2, rel=1e-12)
     # Round end: Fed Server (2*8320*4 FLOPs) and Split Server (2*8906*4 = 71248 FLOPs) average
-    # in parallel; the longer is the server's: 71248 / 2545984 s. Round time 13.6656256 s.
+    # in parallel; the longer is the server's: 71248 / 2474736 s. Round time 13.67282... s.
     round_time = done2 + 2 * N_S * 4 / SERVER_FLOPS_PER_S
     assert res.summary["sim_time_s"] == pytest.approx(round_time, rel=1e-12)
     # Server capacity 1: no two server spans overlap.
@@ -159,8 +162,11 @@ def test_fixed_tau_counts_and_message_sizes():
     ev = res.events
     assert (ev.kind == "client_forward_plus").sum() == 3 * 2
     assert (ev.kind == "server_zo_step").sum() == 3 * 3
-    # A ZO server step with P = 2: 4 server forwards plus 8 in-place passes' worth of FLOPs.
-    assert set(ev[ev.kind == "server_zo_step"].flops) == {4 * PROF.server_forward_flops + 16 * N_S}
+    # A ZO server step with P = 2: 4 server forwards plus 6 elementwise ops per direction, one
+    # draw per direction (zo.step_work).
+    steps = ev[ev.kind == "server_zo_step"]
+    assert set(steps.flops) == {4 * PROF.server_forward_flops + 12 * N_S}
+    assert set(steps.rng_elements) == {2 * N_S}
     assert sum(r["bytes_up"] for r in rows) == res.summary["bytes_up"] == res.summary["mu_splitfed"]["bytes_up"]
 
 

@@ -156,7 +156,7 @@ def test_generating_directions_is_charged_per_element():
 
     a, b = events(0.0), events(1000.0)
     server = a[a.kind == "server_zo_step"].iloc[0]
-    n_s = server.rng_elements // 4  # 4 regenerations per probe (P = 1): +lam, -2 lam, +lam, update
+    n_s = server.rng_elements  # the server draws each direction once (P = 1) and keeps it
     assert n_s == sum(p.numel() for p in split(build_model("mlp", 1, 10, (8, 8), seed=0), 1).server.parameters())
     key = ["client", "party", "kind", "round", "seq"]
     m = a.merge(b, on=key, suffixes=("_a", "_b"))

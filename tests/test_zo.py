@@ -1,10 +1,11 @@
-"""Tests of simulator.zo: the seeded in-place ZO estimator (MeZO trick)."""
+"""Tests of simulator.zo: the seeded ZO estimator (in place on the client, drawn once on the server)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from simulator import rng, zo
 
@@ -168,3 +169,135 @@ def test_bad_inputs_fail_loudly():
         zo.zo_update_([torch.zeros(3)], [1, 2], [0.1], 0.1)
     with pytest.raises(ValueError, match="contiguous"):
         zo.perturb_([torch.zeros(4, 4).t()], 0, 1.0)
+    with pytest.raises(ValueError, match="at least one seed"):
+        zo.zo_step_([torch.zeros(3)], lambda: 0.0, 0.01, 0.1, [])
+    with pytest.raises(ValueError, match="direction"):
+        zo.draw_direction([torch.zeros(3)], 0, "uniform")
+
+
+# --------------------------------------------------------------------------------------------
+# The server path (directions drawn once and kept) against the regenerating client path
+# --------------------------------------------------------------------------------------------
+def _reference_step(params, loss_fn, lam, lr, seeds, direction):
+    """The regenerating path (four regenerations per direction): what zo_step_ did up to c051211."""
+    coeffs, mids = [], []
+    for s in seeds:
+        plus, minus = zo.probe_pair(params, loss_fn, lam, s, direction)
+        coeffs.append((float(plus) - float(minus)) / (2.0 * lam))
+        mids.append(0.5 * (float(plus) + float(minus)))
+    zo.zo_update_(params, seeds, coeffs, lr, direction)
+    return coeffs, sum(mids) / len(mids)
+
+
+def _odd_params(dtype=torch.float32):
+    """Tensors that cross chunk boundaries, end off a multiple of 16, or are shorter than 16."""
+    with rng.seeded_torch(0, "test", "kept"):
+        return [(torch.randn(zo.CHUNK_ELEMENTS + 37) * 0.1).to(dtype), (torch.randn(3, 5) * 0.1).to(dtype),
+                (torch.randn(zo.CHUNK_ELEMENTS + 5) * 0.1).to(dtype),  # a last chunk under 16 values
+                (torch.randn(2 * zo.CHUNK_ELEMENTS) * 0.1).to(dtype), (torch.randn(7) * 0.1).to(dtype)]
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+@pytest.mark.parametrize("P", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kept_step_is_bit_identical_to_the_regenerating_path(direction, P, dtype):
+    """zo_step_ (u drawn once) leaves the same bits, coefficients and losses as regenerating u."""
+    a, b = _odd_params(dtype), _odd_params(dtype)
+    w = [torch.linspace(-1, 1, t.numel(), dtype=dtype) for t in a]
+
+    def loss(ps):  # a nonlinear F, so the probes' rounding reaches the coefficients
+        return lambda: float(sum(torch.tanh(p.view(-1) * 3).dot(v) for p, v in zip(ps, w)))
+
+    seeds = [zo.zo_seed(3, "kept", p) for p in range(P)]
+    got = zo.zo_step_(a, loss(a), 0.005, 0.01, seeds, direction)
+    want = _reference_step(b, loss(b), 0.005, 0.01, seeds, direction)
+    assert got == want
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+def test_drawn_direction_is_the_regenerated_one(direction):
+    """draw_direction's factor * z equals materialize_direction bit for bit (and the same norm)."""
+    ps = _odd_params()
+    u = zo.draw_direction(ps, 17, direction)
+    ref = zo.materialize_direction(ps, 17, direction)
+    c = torch.tensor(u.factor, dtype=torch.float32)  # perturb_ rounds the factor to float32 too
+    assert all(torch.equal((z * c).view_as(r), r) for z, r in zip(u.z, ref))
+    if direction == "sphere":
+        d = sum(p.numel() for p in ps)
+        assert u.factor == pytest.approx(math.sqrt(d) / math.sqrt(sum(float((z.double() ** 2).sum()) for z in u.z)),
+                                         rel=1e-6)
+
+
+def test_kept_step_holds_its_directions_only_for_the_step():
+    """The server path's extra memory is P directions and one scaled copy, freed after the step."""
+    from simulator.measure.memory import StorageTracker
+
+    ps = _odd_params()
+    d = sum(p.numel() for p in ps)
+    tracker = StorageTracker(held=ps)
+    with tracker:
+        zo.zo_step_(ps, lambda: float(ps[0].sum()), 0.005, 0.01, [1, 2], "gaussian")
+    assert 3 * 4 * d <= tracker.peak <= 3 * 4 * d + 4 * 1024  # (P + 1) d float32, plus scalars
+    assert tracker.current == 0  # nothing of the step outlives it
+
+
+class _WorkCounter(TorchDispatchMode):
+    """Counts what ops really touch: drawn values (normal_) and elements of elementwise ops."""
+
+    ELEMENTWISE = {"mul", "mul_", "add", "add_", "dot", "_foreach_mul", "_foreach_mul_", "_foreach_add_"}
+
+    def __init__(self):
+        super().__init__()
+        self.rng = self.elementwise = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "normal_" or name in self.ELEMENTWISE:
+            first = args[0]
+            n = sum(t.numel() for t in first) if isinstance(first, (list, tuple)) else first.numel()
+            if name == "normal_":
+                self.rng += n
+            else:
+                self.elementwise += n
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "sphere"])
+def test_charged_work_counts_are_the_work_done(direction):
+    """zo.step_work / pass_work (what the algorithms charge) equal the draws and ops really run."""
+    ps = _odd_params()
+    n = sum(p.numel() for p in ps)
+    with _WorkCounter() as c:
+        zo.zo_step_(ps, lambda: 0.0, 0.005, 0.01, [4, 5], direction)
+    assert (c.elementwise, c.rng) == (zo.step_work(n, 2, direction).elementwise, zo.step_work(n, 2, direction).rng)
+    zo._sphere_norm.cache_clear()
+    sphere = 1 if direction == "sphere" else 0
+    with _WorkCounter() as c:  # a new seed: sphere pays its norm pass once
+        zo.perturb_(ps, 6, 0.1, direction)
+    assert (c.elementwise, c.rng) == (zo.pass_work(n, 1, sphere).elementwise, zo.pass_work(n, 1, sphere).rng)
+    with _WorkCounter() as c:  # the same seed again (the restore, the update): no norm pass
+        zo.perturb_(ps, 6, -0.1, direction)
+    assert (c.elementwise, c.rng) == (zo.pass_work(n, 1).elementwise, zo.pass_work(n, 1).rng)
+
+
+def test_kept_step_gives_the_same_bits_at_any_thread_count_and_restores_it():
+    """At 2 torch threads the server step leaves the bits of 1 thread, and the thread count."""
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ps = _odd_params()
+            seen = []
+            # (a loss whose sums stay under torch's grain size: a parallel sum would round otherwise)
+            coeffs = zo.zo_step_(ps, lambda: seen.append(torch.get_num_threads())
+                                 or float(ps[0][:1000].sum()) + float(ps[2][-1000:].sum()),
+                                 0.005, 0.01, [8, 9], "gaussian")
+            assert seen == [threads] * 4  # the forwards keep the caller's threads
+            assert torch.get_num_threads() == threads
+            out.append((coeffs, ps))
+    finally:
+        torch.set_num_threads(before)
+    assert out[0][0] == out[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))

@@ -389,14 +389,15 @@ class GAS:
         x, y = batch_tensors(ctx.data, idx, ctx.device)
         it = self.state.iteration
         n_p, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
-        n = self.client_n
-        sphere = n_p * n if direction == "sphere" else 0  # the sphere's norm pass, once per seed
+        n, ew = self.client_n, ctx.scenario.time.zo_elementwise_flops_per_element
         k = self.state.client_iterations
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
         with torch.no_grad():
             h = forward(ctx.parts.client, params, x)
-        yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale + 6 * n_p * n, it,
-                               rng_elements=3 * n_p * n + sphere)
+        # P probes of 3 in-place passes each (+lam, -2 lam, +lam), plus the sphere's norm pass per seed.
+        w = zo.pass_work(n, 3 * n_p, n_p if direction == "sphere" else 0)
+        yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale + w.flops(ew), it,
+                               rng_elements=w.rng)
         yield from sim.send(client, UPLINK, "activation",
                             int(((1 + 2 * n_p) * prof.activation_bytes + prof.label_bytes) * scale), it)
         # The server evaluates the loss at the 2P perturbed activations with its current model.
@@ -414,7 +415,8 @@ class GAS:
             check_finite(d, "loss difference", round=it, local_step=k, party="server", client=client)
         # Split Server -> client: P scalars (fp32); the client regenerates u_p and steps.
         yield from sim.send(client, DOWNLINK, "zo_scalars", 4 * n_p, it)
-        yield from sim.compute(client, "client_zo_update", 2 * n_p * n, it, rng_elements=n_p * n)
+        w = zo.pass_work(n, n_p)
+        yield from sim.compute(client, "client_zo_update", w.flops(ew), it, rng_elements=w.rng)
         zo.zo_update_(tensors, seeds, [d / (2 * lam) for d in diffs], cfg.lr_client, direction)
 
     # ---- the activation buffer -----------------------------------------------------------------
