@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "run that fails or is interrupted lands beside it as OUT.failed-<time> / "
                         "OUT.interrupted-<time>, and the old run stays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--timing-only", action="store_true",
+                   help="run the event timeline with no tensor work (same as --set timing_only=true): events.csv "
+                        "as a training run writes it, metrics.csv with the round times and no accuracy, no "
+                        "figure; stop.target_accuracy is refused (docs/timing-only.md)")
     _add_scenario_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -131,7 +135,8 @@ def cmd_run(args) -> int:
     from simulator.runner import divergence_warning_muted, landed_in, run_scenario
     from simulator.scenario import load_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides, seed=args.seed)
+    overrides = list(args.overrides) + (["timing_only=true"] if args.timing_only else [])
+    scenario = load_scenario(args.scenario, overrides, seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / Path(args.scenario).stem
     _preflight_run(scenario, out, getattr(args, "overwrite", False))  # before any output is touched
     try:
@@ -149,6 +154,11 @@ def cmd_run(args) -> int:
         why = str(result.diverged) if result.diverged is not None else "diverged"
         print(f"sflsim: {why}; outputs kept in {out}/", file=sys.stderr)
         return EXIT_DIVERGED
+    if s.get("timing_only"):
+        print(f"{scenario.name}: {s['algorithm']} timing only: {s['rounds']} rounds, {s['sim_time_s']:.1f} s "
+              f"simulated, {s['events']} events ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})")
+        print(f"outputs: {out}/ (metrics.csv with round times and no accuracy, events.csv, summary.json)")
+        return 0
     acc = s["final_accuracy"]
     print(
         f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "

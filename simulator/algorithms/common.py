@@ -134,10 +134,33 @@ class RunContext:
     sim: "Simulation"
     device: torch.device
     seed: int
+    timing: Optional["TimingOnly"] = None  # set: a timing-only run (no tensor work; docs/timing-only.md)
 
     @property
     def num_clients(self) -> int:
         return len(self.partitions)
+
+
+class TimingOnly:
+    """A run with no tensor work: the algorithms swap their tensor steps for no-op ones.
+
+    What such a run reports where a training run has values: ``evaluate`` (accuracy and loss
+    of an evaluation after ``rounds_done`` rounds) and ``row`` (a row of an algorithm table,
+    whose loss columns are NaN here). ``simulator.retime.Replay`` answers both from a finished
+    run instead.
+    """
+
+    has_values = False  # accuracy and losses are NaN (no figure is drawn)
+
+    def evaluate(self, rounds_done: int) -> tuple[float, float]:
+        return float("nan"), float("nan")
+
+    def summary_fields(self) -> dict:
+        """What summary.json says about how the run was made."""
+        return {"timing_only": True}
+
+    def row(self, table: str, row: dict) -> dict:
+        return row
 
 
 # --------------------------------------------------------------------------------------------
