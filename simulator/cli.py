@@ -126,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
                               "run folder")
     p.add_argument("run_dir", help="a run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "retime", help="re-price a finished run under another time model, without training again",
+        description="Re-time a finished run: run the scenario of RUN_DIR with --set time.KEY=VALUE changes and no "
+                    "tensor work, taking accuracy and losses from RUN_DIR. Writes a complete run folder (scenario.yaml, "
+                    "events.csv, metrics.csv, client_rounds.csv, summary.json, figure) identical to a full training "
+                    "run of the modified scenario except summary.json's host_runtime_s and retimed_from. Only for "
+                    "splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated by rounds, stopped by "
+                    "rounds (or a target accuracy), and completed (docs/retime.md).",
+        epilog="example: sflsim retime runs/quickstart --set time.episodes.0.factor=8 --out runs/quickstart-x8\n"
+               "exit codes: 0 ok, 1 the re-timing failed (a bug), 2 refused (another algorithm, a key outside time.*, "
+               "eval.every_sim_s, stop.sim_time_s, a run that did not complete) or bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a completed run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="time.KEY=VALUE",
+                   help="a time-model change, e.g. --set time.server.capacity=2 (repeatable; keys under time. only)")
+    p.add_argument("--out", required=True, help="output folder; must not hold files unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out once the re-timing completes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_retime)
     _add_memory_command(sub)
     add_batch_commands(sub)  # compare, sweep, report
     return parser
@@ -164,6 +184,26 @@ def cmd_run(args) -> int:
         f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "
         f"{s['sim_time_s']:.1f} s simulated ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})"
     )
+    print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
+    return 0
+
+
+def cmd_retime(args) -> int:
+    from simulator.retime import check_source, retime_run, retimed_scenario
+
+    scenario = retimed_scenario(args.run_dir, args.overrides)
+    check_source(Path(args.run_dir), scenario)
+    out = Path(args.out)
+    _preflight_run(scenario, out, args.overwrite)
+    try:
+        result = retime_run(scenario, args.run_dir, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        print("sflsim: interrupted", file=sys.stderr)
+        return _interrupted_code(e)
+    s = result.summary
+    print(f"{scenario.name}: {s['algorithm']} re-timed from {args.run_dir}: {s['rounds']} rounds, "
+          f"{s['sim_time_s']:.1f} s simulated (test accuracy {s['final_accuracy']:.4f}; "
+          f"{s['host_runtime_s']:.1f} s on this machine)")
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
     return 0
 
