@@ -415,6 +415,9 @@ def _add_batch_args(p) -> None:
                         "setting with --scheduler)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-run finished runs whose inputs changed (default: stop with an error)")
+    p.add_argument("--no-retime", action="store_true",
+                   help="train every run; by default runs that differ from another only in time.* keys are "
+                        "re-timed from it (sflsim retime: same outputs, no training) where the algorithm allows")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
     p.add_argument("--report", action="store_true", help="write the report (sflsim report OUT) afterwards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -506,19 +509,24 @@ def _run_cli(plan: experiments.Plan, out: Path, args) -> int:
         if keys:
             print(f"note: {alg} does not take {', '.join(sorted(keys))} from the base scenario; not carried over "
                   f"(dropped_keys in {rundir.RUN_META})", file=sys.stderr)
+    sources = {} if args.no_retime else plan.retime_sources()
+    if sources:
+        print(f"{plan.kind}: {len(sources)} of {len(plan.specs)} runs differ from another run only in time.* keys: "
+              f"they are re-timed from its trained run instead of trained (sflsim retime; --no-retime trains every "
+              f"run); runs.csv says retimed_from", file=sys.stderr)
     if args.dry_run:
         runs_dir = out / rundir.RUNS
         for s in plan.specs:
             state = rundir.run_state(runs_dir, s.run_id, s.fingerprint)
             what = {"complete": "skip (complete)", "changed": "re-run needs --overwrite (inputs changed)",
-                    "missing": "run"}[state]
+                    "missing": f"re-time from {sources[s.run_id]}" if s.run_id in sources else "run"}[state]
             print(f"{s.run_id}: {what}")
         print(f"{len(plan.specs)} runs planned in {out}/")
         return 0
     try:
         result = experiments.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler,
                                        threads=args.threads, progress=not args.no_progress,
-                                       overwrite=args.overwrite, command=sys.argv[:])
+                                       overwrite=args.overwrite, command=sys.argv[:], retime=not args.no_retime)
     except KeyboardInterrupt as e:
         print(f"sflsim: interrupted; finished runs are kept in {out}/{rundir.RUNS}/, run the same command again to "
               "resume", file=sys.stderr)

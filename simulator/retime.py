@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from simulator import rundir
-from simulator.algorithms.common import TimingOnly
+from simulator.timing import TimingOnly
 from simulator.errors import UserError
 
 log = logging.getLogger(__name__)

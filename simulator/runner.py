@@ -32,11 +32,12 @@ import torch
 from models.profile import profile_text_cut
 from simulator import rundir, verify
 from simulator.algorithms import ALGORITHMS
-from simulator.algorithms.common import RunContext, TimingOnly
+from simulator.algorithms.common import RunContext
 from simulator.engine import Simulation
 from simulator.errors import Diverged, ScenarioError, Terminated, UserError
 from simulator.latency import build_time_model
 from simulator.scenario import Scenario, to_yaml
+from simulator.timing import TimingOnly
 from simulator.trace import Recorder
 from simulator.verify import TimelineError
 

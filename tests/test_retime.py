@@ -53,12 +53,19 @@ def _raw(tiny_raw, algo: dict) -> dict:
     return raw
 
 
+RUN_META_HOST = ("started_at", "finished_at", "pid", "host", "host_s", "retimed_from")
+
+
 def _same_folder(full: Path, retimed: Path, source: Path) -> None:
-    """Every file byte for byte; summary.json equal but for the host fields and retimed_from."""
+    """Every file byte for byte; summary.json (and a batch's run.json) equal but for host fields and retimed_from."""
     names = sorted(p.name for p in full.iterdir())
     assert names == sorted(p.name for p in retimed.iterdir())
     for name in names:
-        if name == "summary.json":
+        if name == "run.json":
+            a, b = json.loads((full / name).read_text()), json.loads((retimed / name).read_text())
+            assert {k: v for k, v in a.items() if k not in RUN_META_HOST} == \
+                   {k: v for k, v in b.items() if k not in RUN_META_HOST}
+        elif name == "summary.json":
             a, b = json.loads((full / name).read_text()), json.loads((retimed / name).read_text())
             assert b.pop("retimed_from") == str(source)
             for k in HOST_FIELDS:
@@ -180,3 +187,39 @@ def test_retimed_scenario_and_changes(trained):
     assert non_time_changes(a, b.model_dump(mode="json")) == []
     c = validate({**raw, "seed": 9}).model_dump(mode="json")
     assert non_time_changes(a, c) == ["seed"]
+
+
+def test_sweep_retimes_time_only_points(tiny_raw, tmp_path, capsys):
+    """A sweep over time.* keys trains once per other point and re-times the rest, with the same outputs."""
+    import yaml
+
+    from simulator.experiments import plan_sweep, run_batch
+
+    base = _raw(tiny_raw, ALGORITHMS["splitfed_zo"])
+    base["stop"] = {"rounds": 2}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml",
+        "grid": {"algorithm.name": ["splitfed_zo", "splitfed_v2"], "time.episodes.0.factor": [1.0, 8.0, 30.0]}}))
+    plan = plan_sweep(tmp_path / "grid.yaml")
+    sources = plan.retime_sources()
+    assert len(sources) == 2  # splitfed_zo: 1 trains, 2 re-timed; splitfed_v2 cannot be re-timed
+    assert all(k.startswith("algorithm.name=splitfed_zo") for k in sources)
+    fast = run_batch(plan, tmp_path / "fast", workers=1, progress=False)
+    slow = run_batch(plan, tmp_path / "slow", workers=1, progress=False, retime=False)
+    assert fast.count("completed") == slow.count("completed") == 6
+    for spec in plan.specs:
+        a, b = tmp_path / "slow" / "runs" / spec.run_id, tmp_path / "fast" / "runs" / spec.run_id
+        if spec.run_id in sources:
+            _same_folder(a, b, tmp_path / "fast" / "runs" / sources[spec.run_id])
+            assert json.loads((b / "run.json").read_text())["retimed_from"] == sources[spec.run_id]
+        else:
+            assert "retimed_from" not in json.loads((b / "summary.json").read_text())
+    import csv
+
+    rows = {r["run_id"]: r for r in csv.DictReader((tmp_path / "fast" / "runs.csv").open())}
+    assert {rid for rid, r in rows.items() if r["retimed_from"]} == set(sources)
+    slow_rows = {r["run_id"]: r for r in csv.DictReader((tmp_path / "slow" / "runs.csv").open())}
+    for rid, r in rows.items():  # runs.csv: the same but for retimed_from, host_s and the path
+        for k in ("status", "final_accuracy", "sim_time_s", "rounds"):
+            assert r[k] == slow_rows[rid][k], (rid, k)

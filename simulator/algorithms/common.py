@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # types only: common.py must not import the runner's world at
     from models.profile import CutProfile
     from simulator.engine import Simulation
     from simulator.scenario import Scenario
+    from simulator.timing import TimingOnly
 
 Params = dict[str, torch.Tensor]
 
@@ -134,33 +135,11 @@ class RunContext:
     sim: "Simulation"
     device: torch.device
     seed: int
-    timing: Optional["TimingOnly"] = None  # set: a timing-only run (no tensor work; docs/timing-only.md)
+    timing: Optional["TimingOnly"] = None  # set: a timing-only run (simulator.timing; docs/timing-only.md)
 
     @property
     def num_clients(self) -> int:
         return len(self.partitions)
-
-
-class TimingOnly:
-    """A run with no tensor work: the algorithms swap their tensor steps for no-op ones.
-
-    What such a run reports where a training run has values: ``evaluate`` (accuracy and loss
-    of an evaluation after ``rounds_done`` rounds) and ``row`` (a row of an algorithm table,
-    whose loss columns are NaN here). ``simulator.retime.Replay`` answers both from a finished
-    run instead.
-    """
-
-    has_values = False  # accuracy and losses are NaN (no figure is drawn)
-
-    def evaluate(self, rounds_done: int) -> tuple[float, float]:
-        return float("nan"), float("nan")
-
-    def summary_fields(self) -> dict:
-        """What summary.json says about how the run was made."""
-        return {"timing_only": True}
-
-    def row(self, table: str, row: dict) -> dict:
-        return row
 
 
 # --------------------------------------------------------------------------------------------
