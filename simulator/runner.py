@@ -78,8 +78,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> RunContext:
-    """Data, partitions, split model and cut profile for a scenario."""
+def build_context(scenario: Scenario, sim: Simulation, device: torch.device, pixels: bool = True) -> RunContext:
+    """Data, partitions, split model and cut profile for a scenario (``pixels=False``: a
+    timing-only run, which reads the labels and shapes only, skips normalising the images)."""
     from models.profile import profile_cut
     from models.split import split
     from models.zoo import build_model
@@ -88,7 +89,8 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> 
     d = scenario.data
     if DATASETS[d.dataset].kind == "text":
         return build_text_context(scenario, sim, device)
-    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
+    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed,
+                        pixels=pixels)
     parts_idx = _partition(scenario, data.y_train.numpy())
     c, h, w = data.input_shape
     model = build_model(scenario.model.name, c, data.num_classes, (h, w), seed=scenario.seed)
@@ -333,7 +335,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
         spec = ALGORITHMS[scenario.algorithm.name]
         time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
         sim = Simulation(time_model, recorder, scenario.time.server.capacity)
-        ctx = build_context(scenario, sim, device)
+        ctx = build_context(scenario, sim, device, pixels=timing is None)
         ctx.timing = timing
         algo = spec.build(ctx)
         ctl = _Controller(scenario, sim, algo, ctx, progress)
