@@ -223,3 +223,20 @@ def test_sweep_retimes_time_only_points(tiny_raw, tmp_path, capsys):
     for rid, r in rows.items():  # runs.csv: the same but for retimed_from, host_s and the path
         for k in ("status", "final_accuracy", "sim_time_s", "rounds"):
             assert r[k] == slow_rows[rid][k], (rid, k)
+
+
+def test_cli_sweep_says_it_retimes(tiny_raw, tmp_path, capsys):
+    """sweep --dry-run says which runs are re-timed and from which; --no-retime trains every run."""
+    import yaml
+
+    base = _raw(tiny_raw, ALGORITHMS["mu_splitfed"])
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"base": "base.yaml",
+                                                        "grid": {"time.server.capacity": [1, 2, 4]}}))
+    assert main(["sweep", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 of 3 runs differ from another run only in time.* keys" in err
+    assert out.count("re-time from time.server.capacity=1,seed=3") == 2
+    assert main(["sweep", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "o"), "--dry-run", "--no-retime"]) == 0
+    out, err = capsys.readouterr()
+    assert "re-time" not in out + err and out.count(": run") == 3
