@@ -105,8 +105,12 @@ def test_outputs_say_timing_only(tiny_raw, tmp_path):
 
 
 def test_training_scenario_yaml_has_no_timing_key(tiny_raw):
-    """A training run's scenario.yaml does not mention timing_only (fingerprints unchanged)."""
+    """A training run's scenario.yaml and batch spec do not mention timing_only (fingerprints unchanged)."""
+    from simulator.experiments.plan import make_spec
+
     assert "timing_only" not in to_yaml(validate(tiny_raw))
+    assert "timing_only" not in make_spec("a", tiny_raw).scenario
+    assert make_spec("b", {**tiny_raw, "timing_only": True}).scenario["timing_only"] is True
 
 
 def test_target_accuracy_refused(tiny_raw):

@@ -70,7 +70,8 @@ def make_spec(run_id: str, raw: dict, *, variant: str = "", params: dict | None 
         scenario = validate(raw)
     except ScenarioError as e:
         raise ScenarioError(e.key, f"{e.detail} (in run {run_id})") from None
-    dumped = scenario.model_dump(mode="json", by_alias=True)
+    # timing_only only when set (as scenario.yaml has it): fingerprints of earlier batches stay valid
+    dumped = scenario.model_dump(mode="json", by_alias=True, exclude=None if scenario.timing_only else {"timing_only"})
     return RunSpec(run_id, dumped, scenario.algorithm.name, variant, scenario.seed, dict(params or {}),
                    tuple(dropped), fingerprint(dumped))
 
