@@ -335,7 +335,8 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
         spec = ALGORITHMS[scenario.algorithm.name]
         time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
         sim = Simulation(time_model, recorder, scenario.time.server.capacity)
-        ctx = build_context(scenario, sim, device, pixels=timing is None)
+        ctx = build_context(scenario, sim, device) if timing is None else build_context(scenario, sim, device,
+                                                                                          pixels=False)
         ctx.timing = timing
         algo = spec.build(ctx)
         ctl = _Controller(scenario, sim, algo, ctx, progress)

@@ -207,6 +207,16 @@ def loss_differences(module, params: Params, pairs: list[tuple[torch.Tensor, tor
     return out
 
 
+def _module_function(name: str):
+    """A steps method that calls this module's function ``name`` as it is when called (so a test
+    that patches the module's function patches the training run's step too)."""
+    def call(self, *args, **kwargs):
+        return globals()[name](*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
 # --------------------------------------------------------------------------------------------
 # The tensor work of a round, as one replaceable object (timing-only runs swap it)
 # --------------------------------------------------------------------------------------------
@@ -221,20 +231,20 @@ class RoundSteps:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
 
-    clone = staticmethod(clone)
-    client_activation = staticmethod(client_activation)
-    probe_plus = staticmethod(probe_plus)
-    probe_minus = staticmethod(probe_minus)
-    client_zo_update = staticmethod(client_zo_update)
-    server_zo_step = staticmethod(server_zo_step)
-    server_fo_step = staticmethod(server_fo_step)
-    server_gradient = staticmethod(server_gradient)
-    loss_differences = staticmethod(loss_differences)
-    server_step = staticmethod(server_step)
-    client_backward_step = staticmethod(client_backward_step)
-    aggregate = staticmethod(aggregate)
-    check_finite = staticmethod(check_finite)
-    check_params = staticmethod(check_params)
+    clone = _module_function("clone")
+    client_activation = _module_function("client_activation")
+    probe_plus = _module_function("probe_plus")
+    probe_minus = _module_function("probe_minus")
+    client_zo_update = _module_function("client_zo_update")
+    server_zo_step = _module_function("server_zo_step")
+    server_fo_step = _module_function("server_fo_step")
+    server_gradient = _module_function("server_gradient")
+    loss_differences = _module_function("loss_differences")
+    server_step = _module_function("server_step")
+    client_backward_step = _module_function("client_backward_step")
+    aggregate = _module_function("aggregate")
+    check_finite = _module_function("check_finite")
+    check_params = _module_function("check_params")
 
     def batch(self, idx):
         """The minibatch tensors of indices ``idx``: (x, y, aux)."""
