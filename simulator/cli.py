@@ -129,15 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "retime", help="re-price a finished run under another time model, without training again",
-        description="Re-time a finished run: run the scenario of RUN_DIR with --set time.KEY=VALUE changes and no "
-                    "tensor work, taking accuracy and losses from RUN_DIR. Writes a complete run folder (scenario.yaml, "
-                    "events.csv, metrics.csv, client_rounds.csv, summary.json, figure) identical to a full training "
-                    "run of the modified scenario except summary.json's host_runtime_s and retimed_from. Only for "
-                    "splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated by rounds, stopped by "
-                    "rounds (or a target accuracy), and completed (docs/retime.md).",
-        epilog="example: sflsim retime runs/quickstart --set time.episodes.0.factor=8 --out runs/quickstart-x8\n"
-               "exit codes: 0 ok, 1 the re-timing failed (a bug), 2 refused (another algorithm, a key outside time.*, "
-               "eval.every_sim_s, stop.sim_time_s, a run that did not complete) or bad input",
+        description="Re-time a finished run: run the scenario of RUN_DIR with --set time.KEY=VALUE changes and\n"
+                    "no tensor work, taking accuracy and losses from RUN_DIR. Writes a complete run folder\n"
+                    "(scenario.yaml, events.csv, metrics.csv, client_rounds.csv, summary.json, figure) identical\n"
+                    "to a full training run of the modified scenario except summary.json's host_runtime_s and\n"
+                    "retimed_from. Only for splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated\n"
+                    "by rounds (eval.every_rounds), stopped by rounds (or a target accuracy), and completed\n"
+                    "(docs/retime.md). sweep and compare do this on their own for runs that differ only in time.*.",
+        epilog="example: sflsim retime runs/base --set time.client.tiers.0.speed_factor=0.1 --out runs/base-slow\n"
+               "exit codes: 0 ok, 1 the re-timing failed (a bug), 2 refused (another algorithm, a key outside\n"
+               "time.*, eval.every_sim_s, stop.sim_time_s, a run that did not complete) or bad input",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a completed run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="time.KEY=VALUE",
