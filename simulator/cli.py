@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "run that fails or is interrupted lands beside it as OUT.failed-<time> / "
                         "OUT.interrupted-<time>, and the old run stays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--timing-only", action="store_true",
+                   help="run the event timeline with no tensor work (same as --set timing_only=true): events.csv "
+                        "as a training run writes it, metrics.csv with the round times and no accuracy, no "
+                        "figure; stop.target_accuracy is refused (docs/timing-only.md)")
     _add_scenario_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -122,6 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
                               "run folder")
     p.add_argument("run_dir", help="a run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "retime", help="re-price a finished run under another time model, without training again",
+        description="Re-time a finished run: run the scenario of RUN_DIR with --set time.KEY=VALUE changes and\n"
+                    "no tensor work, taking accuracy and losses from RUN_DIR. Writes a complete run folder\n"
+                    "(scenario.yaml, events.csv, metrics.csv, client_rounds.csv, summary.json, figure) identical\n"
+                    "to a full training run of the modified scenario except summary.json's host_runtime_s and\n"
+                    "retimed_from. Only for splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated\n"
+                    "by rounds (eval.every_rounds), stopped by rounds (or a target accuracy), and completed\n"
+                    "(docs/retime.md). sweep and compare do this on their own for runs that differ only in time.*.",
+        epilog="example: sflsim retime runs/base --set time.client.tiers.0.speed_factor=0.1 --out runs/base-slow\n"
+               "exit codes: 0 ok, 1 the re-timing failed (a bug), 2 refused (another algorithm, a key outside\n"
+               "time.*, eval.every_sim_s, stop.sim_time_s, a run that did not complete) or bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a completed run folder (sflsim run --out DIR, or DIR/runs/<id> of a batch)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="time.KEY=VALUE",
+                   help="a time-model change, e.g. --set time.server.capacity=2 (repeatable; keys under time. only)")
+    p.add_argument("--out", required=True, help="output folder; must not hold files unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out once the re-timing completes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_retime)
     _add_memory_command(sub)
     add_batch_commands(sub)  # compare, sweep, report
     return parser
@@ -131,7 +156,8 @@ def cmd_run(args) -> int:
     from simulator.runner import divergence_warning_muted, landed_in, run_scenario
     from simulator.scenario import load_scenario
 
-    scenario = load_scenario(args.scenario, args.overrides, seed=args.seed)
+    overrides = list(args.overrides) + (["timing_only=true"] if args.timing_only else [])
+    scenario = load_scenario(args.scenario, overrides, seed=args.seed)
     out = Path(args.out) if args.out else Path("runs") / Path(args.scenario).stem
     _preflight_run(scenario, out, getattr(args, "overwrite", False))  # before any output is touched
     try:
@@ -149,11 +175,36 @@ def cmd_run(args) -> int:
         why = str(result.diverged) if result.diverged is not None else "diverged"
         print(f"sflsim: {why}; outputs kept in {out}/", file=sys.stderr)
         return EXIT_DIVERGED
+    if s.get("timing_only"):
+        print(f"{scenario.name}: {s['algorithm']} timing only: {s['rounds']} rounds, {s['sim_time_s']:.1f} s "
+              f"simulated, {s['events']} events ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})")
+        print(f"outputs: {out}/ (metrics.csv with round times and no accuracy, events.csv, summary.json)")
+        return 0
     acc = s["final_accuracy"]
     print(
         f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "
         f"{s['sim_time_s']:.1f} s simulated ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})"
     )
+    print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
+    return 0
+
+
+def cmd_retime(args) -> int:
+    from simulator.retime import check_source, retime_run, retimed_scenario
+
+    scenario = retimed_scenario(args.run_dir, args.overrides)
+    check_source(Path(args.run_dir), scenario)
+    out = Path(args.out)
+    _preflight_run(scenario, out, args.overwrite)
+    try:
+        result = retime_run(scenario, args.run_dir, out, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        print("sflsim: interrupted", file=sys.stderr)
+        return _interrupted_code(e)
+    s = result.summary
+    print(f"{scenario.name}: {s['algorithm']} re-timed from {args.run_dir}: {s['rounds']} rounds, "
+          f"{s['sim_time_s']:.1f} s simulated (test accuracy {s['final_accuracy']:.4f}; "
+          f"{s['host_runtime_s']:.1f} s on this machine)")
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
     return 0
 
@@ -365,6 +416,9 @@ def _add_batch_args(p) -> None:
                         "setting with --scheduler)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-run finished runs whose inputs changed (default: stop with an error)")
+    p.add_argument("--no-retime", action="store_true",
+                   help="train every run; by default runs that differ from another only in time.* keys are "
+                        "re-timed from it (sflsim retime: same outputs, no training) where the algorithm allows")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would be done; run nothing")
     p.add_argument("--report", action="store_true", help="write the report (sflsim report OUT) afterwards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -456,19 +510,24 @@ def _run_cli(plan: experiments.Plan, out: Path, args) -> int:
         if keys:
             print(f"note: {alg} does not take {', '.join(sorted(keys))} from the base scenario; not carried over "
                   f"(dropped_keys in {rundir.RUN_META})", file=sys.stderr)
+    sources = {} if args.no_retime else plan.retime_sources()
+    if sources:
+        print(f"{plan.kind}: {len(sources)} of {len(plan.specs)} runs differ from another run only in time.* keys: "
+              f"they are re-timed from its trained run instead of trained (sflsim retime; --no-retime trains every "
+              f"run); runs.csv says retimed_from", file=sys.stderr)
     if args.dry_run:
         runs_dir = out / rundir.RUNS
         for s in plan.specs:
             state = rundir.run_state(runs_dir, s.run_id, s.fingerprint)
             what = {"complete": "skip (complete)", "changed": "re-run needs --overwrite (inputs changed)",
-                    "missing": "run"}[state]
+                    "missing": f"re-time from {sources[s.run_id]}" if s.run_id in sources else "run"}[state]
             print(f"{s.run_id}: {what}")
         print(f"{len(plan.specs)} runs planned in {out}/")
         return 0
     try:
         result = experiments.run_batch(plan, out, workers=args.workers, scheduler=args.scheduler,
                                        threads=args.threads, progress=not args.no_progress,
-                                       overwrite=args.overwrite, command=sys.argv[:])
+                                       overwrite=args.overwrite, command=sys.argv[:], retime=not args.no_retime)
     except KeyboardInterrupt as e:
         print(f"sflsim: interrupted; finished runs are kept in {out}/{rundir.RUNS}/, run the same command again to "
               "resume", file=sys.stderr)

@@ -54,7 +54,7 @@ RUN_FILES = (SCENARIO, SUMMARY, EVENTS, METRICS)  # any of these: a folder holds
 
 FINISHED = ("completed", "diverged")  # a run's end states that a re-run reuses
 RUNS_CSV_COLUMNS = ("run_id", "status", "algorithm", "variant", "seed", "final_accuracy", "sim_time_s", "rounds",
-                    "host_s", "error", "path")
+                    "host_s", "error", "path", "retimed_from")
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def outcome(run_id: str, status: str, path: Path, *, error: str = "", host_s: Op
     return {
         "run_id": run_id, "status": status, "error": error, "host_s": host_s, "path": str(path),
         "final_accuracy": summary.get("final_accuracy"), "sim_time_s": summary.get("sim_time_s"),
-        "rounds": summary.get("rounds"),
+        "rounds": summary.get("rounds"), "retimed_from": summary.get("retimed_from"),
     }
 
 

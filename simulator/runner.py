@@ -37,6 +37,7 @@ from simulator.engine import Simulation
 from simulator.errors import Diverged, ScenarioError, Terminated, UserError
 from simulator.latency import build_time_model
 from simulator.scenario import Scenario, to_yaml
+from simulator.timing import TimingOnly
 from simulator.trace import Recorder
 from simulator.verify import TimelineError
 
@@ -77,8 +78,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> RunContext:
-    """Data, partitions, split model and cut profile for a scenario."""
+def build_context(scenario: Scenario, sim: Simulation, device: torch.device, pixels: bool = True) -> RunContext:
+    """Data, partitions, split model and cut profile for a scenario (``pixels=False``: a
+    timing-only run, which reads the labels and shapes only, skips normalising the images)."""
     from models.profile import profile_cut
     from models.split import split
     from models.zoo import build_model
@@ -87,7 +89,8 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device) -> 
     d = scenario.data
     if DATASETS[d.dataset].kind == "text":
         return build_text_context(scenario, sim, device)
-    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
+    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed,
+                        pixels=pixels)
     parts_idx = _partition(scenario, data.y_train.numpy())
     c, h, w = data.input_shape
     model = build_model(scenario.model.name, c, data.num_classes, (h, w), seed=scenario.seed)
@@ -210,7 +213,8 @@ class _Controller:
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = False,
-                 overwrite: bool = False, in_place: bool = False) -> RunResult:
+                 overwrite: bool = False, in_place: bool = False,
+                 timing: Optional[TimingOnly] = None) -> RunResult:
     """Run a validated scenario; write outputs to ``out_dir`` (if given) and return the result.
 
     The run is written into ``DIR.partial-<pid>`` beside ``out_dir`` and moved into place when it
@@ -225,20 +229,26 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
     ``runs/<id>.partial/``). ``simulator.preflight.preflight`` runs first, for every caller (CLI,
     notebook, batch). Where the run landed is ``RunResult.out_dir``; an exception raised
     after set-up carries it as ``landed_in(exc)``.
+
+    ``timing``: run the timeline with no tensor work (also what ``scenario.timing_only``
+    asks for); ``simulator.retime`` passes one that replays a finished run's values.
     """
     from simulator.preflight import preflight
+
+    if timing is None and scenario.timing_only:
+        timing = TimingOnly()
 
     preflight(scenario)  # files, data roots, sizes, draws: refused before any output is touched
     final = Path(out_dir) if out_dir is not None else None
     if final is None or in_place:
         if final is not None:
             final.mkdir(parents=True, exist_ok=True)
-        result = _execute(scenario, final, final, progress)
+        result = _execute(scenario, final, final, progress, timing)
         _verify(result, scenario)
         return result
     partial = rundir.open_run(final, overwrite)
     try:
-        result = _execute(scenario, partial, final, progress)
+        result = _execute(scenario, partial, final, progress, timing)
         _verify(result, scenario, final)
     except UserError as e:
         if not getattr(e, "sflsim_recorded", False):  # bad input found in set-up: nothing ran, nothing kept
@@ -303,8 +313,10 @@ def _verify_folder(folder: Path, shown: Path, require_files: bool = True) -> Non
         raise TimelineError(violations, f"the run for {shown}")
 
 
-def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], progress: bool) -> RunResult:
-    """Run the scenario writing into ``out`` (``shown``: the folder named in log lines)."""
+def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], progress: bool,
+             timing: Optional[TimingOnly] = None) -> RunResult:
+    """Run the scenario writing into ``out`` (``shown``: the folder named in log lines); with
+    ``timing``, no tensor work (the algorithms' no-op steps)."""
     host_start = _time.perf_counter()
     status = "completed"
     sim = ctx = algo = ctl = recorder = None
@@ -323,7 +335,9 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
         spec = ALGORITHMS[scenario.algorithm.name]
         time_model = build_time_model(scenario.time, scenario.data.num_clients, scenario.seed)
         sim = Simulation(time_model, recorder, scenario.time.server.capacity)
-        ctx = build_context(scenario, sim, device)
+        ctx = build_context(scenario, sim, device) if timing is None else build_context(scenario, sim, device,
+                                                                                          pixels=False)
+        ctx.timing = timing
         algo = spec.build(ctx)
         ctl = _Controller(scenario, sim, algo, ctx, progress)
         sim.on_round(ctl.on_round)
@@ -366,6 +380,8 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             recorder = Recorder(out)
         recorder.close()
         summary = _summary(scenario, sim, recorder, ctx, algo, status, _time.perf_counter() - host_start)
+        if timing is not None:
+            summary.update(timing.summary_fields())
         if diverged is not None:
             summary["stop_reason"] = "diverged"
             summary["diverged"] = _jsonable(diverged.info())
@@ -373,7 +389,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             summary["interrupted_by"] = interrupted_by
         if out is not None:
             rundir.write_json_atomic(out / rundir.SUMMARY, summary)
-            if recorder.metrics:
+            if recorder.metrics and (timing is None or timing.has_values):  # timing-only: no accuracy to plot
                 _plot(out, recorder, scenario)
     return RunResult(summary, recorder, out, algo, diverged)
 

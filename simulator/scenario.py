@@ -276,6 +276,15 @@ class Scenario(Strict):
     time: TimeConfig = TimeConfig()
     eval: EvalConfig = EvalConfig()
     stop: StopConfig
+    timing_only: bool = Field(False, description="Run the event timeline with no tensor work: events.csv as "
+                                                 "training would write it, no accuracy (docs/timing-only.md).")
+
+    @model_validator(mode="after")
+    def _timing_only_has_no_accuracy(self) -> "Scenario":
+        if self.timing_only and self.stop.target_accuracy is not None:
+            raise _KeyedValueError("stop.target_accuracy", "a timing-only run measures no accuracy, so it cannot "
+                                                           "stop at a target accuracy; set it to null, or stop.rounds")
+        return self
 
     @model_validator(mode="after")
     def _clients_exist(self) -> "Scenario":
@@ -486,7 +495,9 @@ def load_scenario(
 
 def to_yaml(scenario: Scenario) -> str:
     """The resolved scenario (defaults filled in) as YAML, loadable again with load_scenario."""
-    data = scenario.model_dump(mode="json", by_alias=True)
+    # timing_only is written only when set, so a training run's scenario.yaml (and its
+    # fingerprint) is what it was before the key existed.
+    data = scenario.model_dump(mode="json", by_alias=True, exclude=None if scenario.timing_only else {"timing_only"})
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # types only: common.py must not import the runner's world at
     from models.profile import CutProfile
     from simulator.engine import Simulation
     from simulator.scenario import Scenario
+    from simulator.timing import TimingOnly
 
 Params = dict[str, torch.Tensor]
 
@@ -134,6 +135,7 @@ class RunContext:
     sim: "Simulation"
     device: torch.device
     seed: int
+    timing: Optional["TimingOnly"] = None  # set: a timing-only run (simulator.timing; docs/timing-only.md)
 
     @property
     def num_clients(self) -> int:

@@ -67,7 +67,7 @@ from simulator.algorithms.common import (
 )
 from simulator.config import Bool, BufferSize, ClientCount, LocalSteps, NonNegFloat, PosFloat, bounded_float
 from simulator.errors import ScenarioError
-from simulator.gaussian_stats import GaussianStats, top_up_counts
+from simulator.gaussian_stats import ClassGaussian, GaussianStats, top_up_counts
 from simulator.latency import DOWNLINK, UPLINK
 
 log = logging.getLogger(__name__)
@@ -192,17 +192,10 @@ def top_up(h: torch.Tensor, y: torch.Tensor, stats: GaussianStats, batch_size: i
     statistics for every class that gets samples.
     """
     shape = h.shape[1:]
-    counts = torch.bincount(y.cpu(), minlength=stats.num_classes).tolist()
-    keep = torch.ones(len(y), dtype=torch.bool)
-    if truncate:
-        for c, n in enumerate(counts):
-            if n > batch_size:
-                idx = torch.nonzero(y.cpu() == c).flatten()
-                keep[idx[batch_size:]] = False
-    keep = keep.to(y.device)
+    keep, needs = top_up_plan(y, stats.num_classes, batch_size, truncate)
     parts_h, parts_y = [h[keep]], [y[keep]]
     out = TopUp(h, y, int(keep.sum()), 0)
-    for c, need in enumerate(top_up_counts(counts, batch_size)):
+    for c, need in enumerate(needs):
         if need == 0:
             continue
         g = rng.torch_generator(seed, "algo", "gas_generate", step, c)
@@ -216,6 +209,190 @@ def top_up(h: torch.Tensor, y: torch.Tensor, stats: GaussianStats, batch_size: i
         out.generated += need
     out.h, out.y = torch.cat(parts_h), torch.cat(parts_y)
     return out
+
+
+def top_up_plan(y: torch.Tensor, num_classes: int, batch_size: int, truncate: bool) -> tuple[torch.Tensor, list[int]]:
+    """Which real activations a top-up keeps (a mask) and how many it draws per class: labels only."""
+    counts = torch.bincount(y.cpu(), minlength=num_classes).tolist()
+    keep = torch.ones(len(y), dtype=torch.bool)
+    if truncate:
+        for c, n in enumerate(counts):
+            if n > batch_size:
+                idx = torch.nonzero(y.cpu() == c).flatten()
+                keep[idx[batch_size:]] = False
+    return keep.to(y.device), top_up_counts(counts, batch_size)
+
+
+def _module_function(name: str):
+    """A steps method that calls this module's function ``name`` as it is when called (so a test
+    that patches the module's function patches the training run's step too)."""
+    def call(self, *args, **kwargs):
+        return globals()[name](*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor work, as one replaceable object (timing-only runs swap it)
+# --------------------------------------------------------------------------------------------
+class GASSteps:
+    """Every tensor operation the GAS processes run, behind one object (a training run).
+
+    ``NoGASSteps`` replaces it in a timing-only run: the same processes, no tensors.
+    """
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    clone = _module_function("clone")
+    la_gradient = _module_function("la_gradient")
+    client_fo_step = _module_function("client_fo_step")
+    server_sgd_step = _module_function("server_sgd_step")
+    top_up = _module_function("top_up")
+    aggregate = _module_function("aggregate")
+    check_finite = _module_function("check_finite")
+    check_params = _module_function("check_params")
+
+    def batch(self, idx):
+        return batch_tensors(self.ctx.data, idx, self.ctx.device)
+
+    @staticmethod
+    def graph_forward(module, params: Params, x):
+        p = leaf(params)
+        return p, forward(module, p, x)
+
+    @staticmethod
+    @torch.no_grad()
+    def activation(module, params: Params, x):
+        return forward(module, params, x)
+
+    @staticmethod
+    def cat(tensors: list):
+        return torch.cat(tensors)
+
+    @staticmethod
+    def stats_update(stats: GaussianStats, h, y, w) -> list[int]:
+        return stats.update(h.reshape(len(y), -1), y, w.to(h.device))
+
+    @staticmethod
+    def zo_probes(params: Params, loss_fn, lam: float, seeds: list[int], direction: str) -> list[float]:
+        tensors = list(params.values())
+        return [zo.zo_probe(tensors, loss_fn, lam, s, direction) for s in seeds]
+
+    @staticmethod
+    def zo_update(params: Params, seeds: list[int], coefficients: list[float], lr: float, direction: str) -> None:
+        zo.zo_update_(list(params.values()), seeds, coefficients, lr, direction)
+
+    def evaluate(self, client_params: Params, server_params: Params, x, y, batch_size: int):
+        return evaluate(self.ctx.parts, client_params, server_params, x, y, batch_size, self.ctx.device)
+
+    @staticmethod
+    def row(table: str, row: dict) -> dict:
+        return row
+
+
+class NoGASSteps(GASSteps):
+    """``GASSteps`` with no tensor work (a timing-only run, ``ctx.timing``).
+
+    Minibatches are their labels; the statistics keep only which classes have statistics and
+    whose factor is stale, so the top-up draws the same counts and prices the same
+    factorisations. One value-dependence is left out: a factorisation that needs jitter
+    retries is priced per attempt in training; here each succeeds at its first attempt.
+    """
+
+    def batch(self, idx):
+        return None, self.ctx.data.y_train[torch.as_tensor(idx, dtype=torch.long)]
+
+    @staticmethod
+    def clone(params):
+        return params
+
+    @staticmethod
+    def graph_forward(module, params, x):
+        return None, None
+
+    @staticmethod
+    def activation(module, params, x):
+        return None
+
+    @staticmethod
+    def la_gradient(module, params, h, y, log_prior):
+        return None, float("nan")
+
+    @staticmethod
+    def client_fo_step(params, p_leaf, h, dh, cfg, buffers):
+        return None
+
+    @staticmethod
+    def server_sgd_step(module, params, h, y, cfg, buffers):
+        return float("nan")
+
+    @staticmethod
+    def cat(tensors):
+        return None
+
+    @staticmethod
+    def stats_update(stats: GaussianStats, h, y, w) -> list[int]:
+        """Mark the classes of ``y`` as having statistics, their factors stale (as ``stats.update``)."""
+        updated = sorted(int(v) for v in torch.unique(y))
+        for c in updated:
+            g = stats.classes.get(c)
+            if g is None:
+                stats.classes[c] = ClassGaussian(None, None, 0.0)
+            else:
+                g.merges += 1
+                g.factor = None
+        return updated
+
+    @staticmethod
+    def top_up(h, y, stats: GaussianStats, batch_size, seed, step, truncate=False) -> TopUp:
+        """The top-up's labels and counts, and the factorisations it would need (one attempt each)."""
+        keep, needs = top_up_plan(y, stats.num_classes, batch_size, truncate)
+        parts_y = [y[keep]]
+        out = TopUp(None, y, int(keep.sum()), 0)
+        for c, need in enumerate(needs):
+            if need == 0:
+                continue
+            if stats.needs_factor(c):
+                stats.factorisations += 1
+                stats.classes[c].factor = True  # fresh until the class's next merge
+                out.factor_attempts += 1
+                out.factorised.append(c)
+            parts_y.append(torch.full((need,), c, dtype=y.dtype, device=y.device))
+            out.generated += need
+        out.y = torch.cat(parts_y)
+        return out
+
+    @staticmethod
+    def zo_probes(params, loss_fn, lam, seeds, direction):
+        return [float("nan")] * len(seeds)
+
+    @staticmethod
+    def zo_update(params, seeds, coefficients, lr, direction):
+        return None
+
+    @staticmethod
+    def aggregate(global_params, local, weights, eta_g=1.0):
+        return global_params
+
+    @staticmethod
+    def check_finite(value, what, **where):
+        return None
+
+    @staticmethod
+    def check_params(params, what, **where):
+        return None
+
+    def evaluate(self, client_params, server_params, x, y, batch_size):
+        return self.ctx.timing.evaluate(self.ctx.sim.rounds_done)
+
+    def row(self, table, row):
+        return self.ctx.timing.row(table, row)
+
+
+def _detach(h):
+    return h.detach() if h is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,10 +483,11 @@ class GAS:
             stats=GaussianStats(self.num_classes, self.dim, cfg.covariance, dtype, cfg.merge_ridge),
         )
         self.client_n = num_params(self.state.client_global)
+        self.t = NoGASSteps(ctx) if ctx.timing is not None else GASSteps(ctx)  # the tensor work
 
     # ---- evaluation (free) ------------------------------------------------------------------
     def evaluate(self, x, y, batch_size):
-        return evaluate(self.ctx.parts, self.state.client_global, self.state.server, x, y, batch_size, self.ctx.device)
+        return self.t.evaluate(self.state.client_global, self.state.server, x, y, batch_size)
 
     # ---- the run ------------------------------------------------------------------------------
     def process(self):
@@ -328,7 +506,7 @@ class GAS:
         weight = 1.0  # the code's per-client counter; the first clients start at 1
         while not sim.stopping:
             start_it = self.state.iteration
-            params = clone(self.state.client_global)  # what the server sends when the download starts
+            params = self.t.clone(self.state.client_global)  # what the server sends when the download starts
             # Fed Server -> client: the global client model.
             yield from sim.send(client, DOWNLINK, "model_down", prof.client_param_bytes, start_it)
             buffers = self.state.shared_client_buffers if cfg.client_momentum == "shared" else {}
@@ -356,24 +534,23 @@ class GAS:
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
         idx = self.state.batches.next(client)
         scale = len(idx) / cfg.batch_size
-        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        x, y = self.t.batch(idx)
         it = self.state.iteration
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
-        p = leaf(params)
-        h = forward(ctx.parts.client, p, x)
+        p, h = self.t.graph_forward(ctx.parts.client, params, x)
         # Client -> Split Server: h and labels.
         yield from sim.send(client, UPLINK, "activation", int((prof.activation_bytes + prof.label_bytes) * scale), it)
         # The server computes dL/dh at once with its CURRENT model (it competes with updates).
         yield from sim.serve("server_gradient",
                              (prof.server_forward_flops + prof.server_backward_flops) * scale, client, it)
-        dh, loss = la_gradient(ctx.parts.server, self.state.server, h.detach(), y, self.log_priors[client])
-        check_finite(loss, "client training loss", round=it, local_step=self.state.client_iterations, party="server",
+        dh, loss = self.t.la_gradient(ctx.parts.server, self.state.server, _detach(h), y, self.log_priors[client])
+        self.t.check_finite(loss, "client training loss", round=it, local_step=self.state.client_iterations, party="server",
                      client=client)
-        self.store(h.detach(), y, weight, client)
+        self.store(_detach(h), y, weight, client)
         # Split Server -> client: dL/dh; client backward and step.
         yield from sim.send(client, DOWNLINK, "gradient", int(prof.activation_bytes * scale), it)
         yield from sim.compute(client, "client_backward", prof.client_backward_flops * scale, it)
-        client_fo_step(params, p, h, dh, cfg, buffers)
+        self.t.client_fo_step(params, p, h, dh, cfg, buffers)
 
     # ---- one local iteration, zeroth-order (MU-SplitFed's GAS variant) ------------------------
     def zo_iteration(self, client: int, params: Params, weight: float):
@@ -386,14 +563,13 @@ class GAS:
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
         idx = self.state.batches.next(client)
         scale = len(idx) / cfg.batch_size
-        x, y = batch_tensors(ctx.data, idx, ctx.device)
+        x, y = self.t.batch(idx)
         it = self.state.iteration
         n_p, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
         n, ew = self.client_n, ctx.scenario.time.zo_elementwise_flops_per_element
         k = self.state.client_iterations
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
-        with torch.no_grad():
-            h = forward(ctx.parts.client, params, x)
+        h = self.t.activation(ctx.parts.client, params, x)
         # P probes of 3 in-place passes each (+lam, -2 lam, +lam), plus the sphere's norm pass per seed.
         w = zo.pass_work(n, 3 * n_p, n_p if direction == "sphere" else 0)
         yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale + w.flops(ew), it,
@@ -408,16 +584,15 @@ class GAS:
         def loss_fn() -> float:  # the split forward: client part on x, server loss on its output
             return la_loss(parts.server, server, forward(parts.client, params, x), y, prior)
 
-        tensors = list(params.values())
         seeds = [zo.zo_seed(ctx.seed, "gas", client, k, p) for p in range(n_p)]
-        diffs = [zo.zo_probe(tensors, loss_fn, lam, s, direction) for s in seeds]
+        diffs = self.t.zo_probes(params, loss_fn, lam, seeds, direction)
         for d in diffs:
-            check_finite(d, "loss difference", round=it, local_step=k, party="server", client=client)
+            self.t.check_finite(d, "loss difference", round=it, local_step=k, party="server", client=client)
         # Split Server -> client: P scalars (fp32); the client regenerates u_p and steps.
         yield from sim.send(client, DOWNLINK, "zo_scalars", 4 * n_p, it)
         w = zo.pass_work(n, n_p)
         yield from sim.compute(client, "client_zo_update", w.flops(ew), it, rng_elements=w.rng)
-        zo.zo_update_(tensors, seeds, [d / (2 * lam) for d in diffs], cfg.lr_client, direction)
+        self.t.zo_update(params, seeds, [d / (2 * lam) for d in diffs], cfg.lr_client, direction)
 
     # ---- the activation buffer -----------------------------------------------------------------
     def activation_weight(self, weight: float) -> float:
@@ -437,16 +612,16 @@ class GAS:
         cfg = self.cfg
         self.state.updates_triggered += 1
         step = self.state.updates_triggered
-        h = torch.cat([e[0] for e in entries])
+        h = self.t.cat([e[0] for e in entries])
         y = torch.cat([e[1] for e in entries])
         w = torch.cat([torch.full((len(e[1]),), e[2], dtype=torch.float64) for e in entries])
         flops, updated, generated = 0.0, [], None
         if cfg.generate:
             counts = torch.bincount(y.cpu(), minlength=self.num_classes).tolist()
-            updated = self.state.stats.update(h.reshape(len(y), -1), y, w.to(h.device))
+            updated = self.t.stats_update(self.state.stats, h, y, w)
             flops += sum(self.state.stats.update_flops(counts[c]) for c in updated)
             if self.state.stats.all_ready():
-                generated = top_up(h, y, self.state.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
+                generated = self.t.top_up(h, y, self.state.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
                 flops += generated.factor_attempts * self.state.stats.factor_flops()
                 flops += self.state.stats.sample_flops(generated.generated)
         if generated is None:
@@ -469,18 +644,19 @@ class GAS:
         sgd_flops = (prof.server_forward_flops + prof.server_backward_flops) * n / cfg.batch_size
         start = sim.now
         yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.state.iteration)
-        loss = server_sgd_step(self.ctx.parts.server, self.state.server, job.h, job.y, cfg, self.state.server_buffers)
-        check_finite(loss, "server training loss", round=self.state.iteration, local_step=None, party="server")
+        loss = self.t.server_sgd_step(self.ctx.parts.server, self.state.server, job.h, job.y, cfg,
+                                      self.state.server_buffers)
+        self.t.check_finite(loss, "server training loss", round=self.state.iteration, local_step=None, party="server")
         self.state.updates_done += 1
         self.state.server_losses.append(loss)
-        sim.recorder.table("gas_server_steps", {
+        sim.recorder.table("gas_server_steps", self.t.row("gas_server_steps", {
             "step": job.step, "trigger_s": job.trigger_s, "start_s": start, "end_s": float(sim.now),
             "iteration": self.state.iteration, "clients": job.clients, "real": job.real,
             "generated": job.generated, "stats_classes": job.stats_classes, "classes_updated": job.classes_updated,
             "factorisations": job.factorisations, "factor_attempts": job.factor_attempts,
             "jitter_max": job.jitter_max, "weight_min": job.weight_min, "weight_max": job.weight_max,
             "stats_flops": job.stats_flops, "loss": loss,
-        })
+        }))
 
     # ---- the model buffer and replacement --------------------------------------------------------
     def aggregate(self):
@@ -493,8 +669,9 @@ class GAS:
             weights = [float(self.sizes[c]) for c, _, _ in entries]
         else:
             weights = [1.0] * len(entries)
-        self.state.client_global = aggregate(self.state.client_global, [p for _, p, _ in entries], weights, cfg.lr_global)
-        check_params(self.state.client_global, "client model", round=it, party="fed server")
+        self.state.client_global = self.t.aggregate(self.state.client_global, [p for _, p, _ in entries], weights,
+                                                    cfg.lr_global)
+        self.t.check_params(self.state.client_global, "client model", round=it, party="fed server")
         if cfg.weight_growth == "code":
             self.state.total_weight += self.state.updates_triggered  # code: total_weight_count += local_epoch
         self.state.iteration += 1

@@ -208,6 +208,142 @@ def loss_differences(module, params: Params, pairs: list[tuple[torch.Tensor, tor
     return out
 
 
+def _module_function(name: str):
+    """A steps method that calls this module's function ``name`` as it is when called (so a test
+    that patches the module's function patches the training run's step too)."""
+    def call(self, *args, **kwargs):
+        return globals()[name](*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor work of a round, as one replaceable object (timing-only runs swap it)
+# --------------------------------------------------------------------------------------------
+class RoundSteps:
+    """Every tensor operation ``SplitRounds`` runs, behind one object (a training run).
+
+    The SimPy process below calls only these methods for tensor work, so a timing-only run
+    (``NoRoundSteps``) follows the very same control flow with the tensors left out: one
+    schedule, never two copies of it (docs/timing-only.md).
+    """
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    clone = _module_function("clone")
+    client_activation = _module_function("client_activation")
+    probe_plus = _module_function("probe_plus")
+    probe_minus = _module_function("probe_minus")
+    client_zo_update = _module_function("client_zo_update")
+    server_zo_step = _module_function("server_zo_step")
+    server_fo_step = _module_function("server_fo_step")
+    server_gradient = _module_function("server_gradient")
+    loss_differences = _module_function("loss_differences")
+    server_step = _module_function("server_step")
+    client_backward_step = _module_function("client_backward_step")
+    aggregate = _module_function("aggregate")
+    check_finite = _module_function("check_finite")
+    check_params = _module_function("check_params")
+
+    def batch(self, idx):
+        """The minibatch tensors of indices ``idx``: (x, y, aux)."""
+        x, y = batch_tensors(self.ctx.data, idx, self.ctx.device)
+        return x, y, aux_of(self.ctx.parts, x)
+
+    @staticmethod
+    def graph_forward(module, params: Params, x):
+        """h with the graph to the client parameters: (the leaf views, h)."""
+        p = leaf(params)
+        return p, forward(module, p, x)
+
+    def evaluate(self, client_params: Params, server_params: Params, x, y, batch_size: int):
+        return evaluate(self.ctx.parts, client_params, server_params, x, y, batch_size, self.ctx.device)
+
+    @staticmethod
+    def row(table: str, row: dict) -> dict:
+        """A row of an algorithm table as it is recorded (a re-timed run fills in the values)."""
+        return row
+
+
+class NoRoundSteps(RoundSteps):
+    """``RoundSteps`` with no tensor work: a timing-only run (``ctx.timing``).
+
+    Parameters are never copied or changed (the global parts stay the initial model), a
+    minibatch is its labels only (their count sets the priced FLOPs), losses are NaN and are
+    not checked. Evaluation and table values come from ``ctx.timing`` (NaN, or a finished
+    run's values when re-timing: ``simulator.retime``).
+    """
+
+    def batch(self, idx):
+        return None, self.ctx.data.y_train[torch.as_tensor(idx, dtype=torch.long)], None
+
+    @staticmethod
+    def clone(params):
+        return params
+
+    @staticmethod
+    def graph_forward(module, params, x):
+        return None, None
+
+    @staticmethod
+    def client_activation(module, params, x):
+        return None
+
+    @staticmethod
+    def probe_plus(module, params, x, seed, lam, direction):
+        return None
+
+    probe_minus = probe_plus
+
+    @staticmethod
+    def client_zo_update(params, seeds, deltas, lam, lr, direction):
+        return None
+
+    @staticmethod
+    def server_zo_step(module, params, h, y, seeds, lam, lr, direction, aux=None):
+        return float("nan")
+
+    @staticmethod
+    def server_fo_step(module, params, h, y, lr, aux=None, momentum=0.0, weight_decay=0.0, buffers=None):
+        return float("nan")
+
+    @staticmethod
+    def server_gradient(module, params, h, y, aux=None):
+        return None, float("nan")
+
+    @staticmethod
+    def loss_differences(module, params, pairs, y, aux=None):
+        return [float("nan")] * len(pairs)
+
+    @staticmethod
+    def server_step(module, params, h, y, cfg, buffers, aux=None):
+        return None, float("nan")
+
+    @staticmethod
+    def client_backward_step(params, p_leaf, h, dh, cfg, buffers):
+        return None
+
+    @staticmethod
+    def aggregate(global_params, local, weights, eta_g=1.0):
+        return global_params
+
+    @staticmethod
+    def check_finite(value, what, **where):
+        return None
+
+    @staticmethod
+    def check_params(params, what, **where):
+        return None
+
+    def evaluate(self, client_params, server_params, x, y, batch_size):
+        return self.ctx.timing.evaluate(self.ctx.sim.rounds_done)
+
+    def row(self, table, row):
+        return self.ctx.timing.row(table, row)
+
+
 # --------------------------------------------------------------------------------------------
 # The SimPy process
 # --------------------------------------------------------------------------------------------
@@ -298,12 +434,13 @@ class SplitRounds:
                                  batches=ClientBatches(ctx.partitions, cfg.batch_size, ctx.seed))
         self.client_n = num_params(self.state.client_global)
         self.server_n = num_params(self.state.server_global)
+        self.t = NoRoundSteps(ctx) if ctx.timing is not None else RoundSteps(ctx)  # the tensor work
         # One FIFO queue per client uplink: a client sends one message at a time.
         self.uplinks = [simpy.Resource(ctx.sim.env, capacity=1) for _ in range(ctx.num_clients)]
 
     def evaluate(self, x, y, batch_size):
         st = self.state
-        return evaluate(self.ctx.parts, st.client_global, st.server_global, x, y, batch_size, self.ctx.device)
+        return self.t.evaluate(st.client_global, st.server_global, x, y, batch_size)
 
     def steps_for(self, client: int) -> int:
         """Local iterations of ``client`` per round (local_steps, or local_epochs passes)."""
@@ -321,8 +458,8 @@ class SplitRounds:
     def _batch(self, c: int):
         """The next minibatch of client c: (x, y, aux, scale of its priced FLOPs)."""
         idx = self.state.batches.next(c)
-        x, y = batch_tensors(self.ctx.data, idx, self.ctx.device)
-        return x, y, aux_of(self.ctx.parts, x), len(idx) / self.cfg.batch_size
+        x, y, aux = self.t.batch(idx)
+        return x, y, aux, len(idx) / self.cfg.batch_size
 
     # ---- timed helpers -----------------------------------------------------------------------
     def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
@@ -346,12 +483,12 @@ class SplitRounds:
         # Line 1: the client downloads x_c; the Split Server starts its copy x_s,m (V2: shares one).
         yield from sim.send(c, DOWNLINK, "model_down", prof.client_param_bytes, r)
         recs[0].bytes_down += prof.client_param_bytes
-        client = clone(self.state.client_global)
+        client = self.t.clone(self.state.client_global)
         client_buf: dict = {}
         if self.shared_server:
             server, server_buf = self.state.server_global, self.state.server_buffers
         else:
-            server, server_buf = clone(self.state.server_global), {}
+            server, server_buf = self.t.clone(self.state.server_global), {}
 
         for k, rec in enumerate(recs):
             rec.start_s = float(sim.now)
@@ -372,7 +509,7 @@ class SplitRounds:
         out[c] = (client, server)
         if self.table:
             for rec in recs:
-                sim.recorder.table("client_rounds", rec.row())
+                sim.recorder.table("client_rounds", self.t.row("client_rounds", rec.row()))
 
     # ---- a first-order client's local iteration ------------------------------------------------
     def fo_exchange(self, c, r, k, client: Params, client_buf: dict, server: Params, server_buf: dict,
@@ -382,8 +519,7 @@ class SplitRounds:
         x, y, aux, scale = self._batch(c)
         # Client forward on its minibatch.
         yield from sim.compute(c, "client_forward", prof.client_forward_flops * scale, r)
-        p = leaf(client)
-        h = forward(parts.client, p, x)
+        p, h = self.t.graph_forward(parts.client, client, x)
         # Client -> Split Server: smashed data h and labels.
         nbytes = int((prof.activation_bytes + prof.label_bytes) * scale)
         yield from sim.send(c, UPLINK, "activation", nbytes, r)
@@ -396,24 +532,24 @@ class SplitRounds:
             rec.server_steps_s += busy
             rec.server_queue_s += queued
             rec.tau_used = 1
-            dh, loss = server_step(parts.server, server, h.detach(), y, cfg, server_buf, aux)
+            dh, loss = self.t.server_step(parts.server, server, _detach(h), y, cfg, server_buf, aux)
         else:
             # MU-SplitFed with a first-order client: tau steps, then dL/dh from the updated copy.
-            ex = _Exchange(c, r, k, server, server_buf, h.detach(), y, aux, rec)
+            ex = _Exchange(c, r, k, server, server_buf, _detach(h), y, aux, rec)
             yield from self.server_steps(ex)
             busy, queued = yield from sim.serve("server_gradient", fb, c, r)
             rec.server_loss_diff_s += busy
             rec.server_queue_s += queued
-            dh, loss = server_gradient(parts.server, server, h, y, aux)
+            dh, loss = self.t.server_gradient(parts.server, server, h, y, aux)
         rec.server_loss = loss
-        check_finite(loss, "training loss", round=r, local_step=k, party="server", client=c)
+        self.t.check_finite(loss, "training loss", round=r, local_step=k, party="server", client=c)
         # Split Server -> client: dL/dh.
         up_done = sim.now
         yield from sim.send(c, DOWNLINK, "gradient", int(prof.activation_bytes * scale), r)
         rec.bytes_down += int(prof.activation_bytes * scale)
         rec.client_wait_s = float(sim.now - up_done)
         yield from sim.compute(c, "client_backward", prof.client_backward_flops * scale, r)
-        client_backward_step(client, p, h, dh, cfg, client_buf)
+        self.t.client_backward_step(client, p, h, dh, cfg, client_buf)
 
     # ---- a ZO client's local iteration ---------------------------------------------------------
     def zo_exchange(self, c, r, k, client: Params, server: Params, server_buf: dict, rec: _ClientRound):
@@ -428,7 +564,7 @@ class SplitRounds:
         act_bytes = int(prof.activation_bytes * scale)
 
         yield from sim.compute(c, "client_forward", fwd, r)
-        h = client_activation(parts.client, client, x)
+        h = self.t.client_activation(parts.client, client, x)
         # Arrival events exist up front, so the server side can look at them at any time.
         ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, h_arrived=env.event(),
                        perturbed=tuple(env.event() for _ in range(2 * P)), scalars=env.event())
@@ -440,11 +576,11 @@ class SplitRounds:
         for p, s in enumerate(seeds):
             w = self._passes(n, 1, 1)
             yield from sim.compute(c, "client_forward_plus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
-            hp = probe_plus(parts.client, client, x, s, lam, direction)
+            hp = self.t.probe_plus(parts.client, client, x, s, lam, direction)
             env.process(self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p]))
             w = self._passes(n, 2)
             yield from sim.compute(c, "client_forward_minus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
-            hm = probe_minus(parts.client, client, x, s, lam, direction)
+            hm = self.t.probe_minus(parts.client, client, x, s, lam, direction)
             env.process(self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1]))
             ex.pairs.append((hp, hm))
 
@@ -453,10 +589,10 @@ class SplitRounds:
         deltas = yield ex.scalars
         rec.client_wait_s = float(sim.now - probes_done)
         for d in deltas:
-            check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
+            self.t.check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
         w = self._passes(n, P)
         yield from sim.compute(c, "client_zo_update", self._zo_flops(w), r, rng_elements=w.rng)
-        client_zo_update(client, seeds, deltas, lam, cfg.lr_client, direction)
+        self.t.client_zo_update(client, seeds, deltas, lam, cfg.lr_client, direction)
         yield server_proc
 
     # ---- the Split Server's side of one ZO local iteration ------------------------------------
@@ -478,7 +614,7 @@ class SplitRounds:
                                             ex.client, ex.round)
         rec.server_loss_diff_s += busy
         rec.server_queue_s += queued
-        deltas = loss_differences(self.ctx.parts.server, ex.server, ex.pairs, ex.y, ex.aux)
+        deltas = self.t.loss_differences(self.ctx.parts.server, ex.server, ex.pairs, ex.y, ex.aux)
         yield from sim.send(ex.client, DOWNLINK, "loss_diff", SCALAR_BYTES * P, ex.round)
         rec.bytes_down += SCALAR_BYTES * P
         ex.scalars.succeed(deltas)
@@ -504,13 +640,13 @@ class SplitRounds:
             rec.server_queue_s += queued
             if cfg.server_optimizer == "zo":
                 seeds = [zo_seed(ctx.seed, "server", r, c, k, steps, p) for p in range(P)]
-                loss = server_zo_step(ctx.parts.server, ex.server, ex.h, ex.y, seeds, lam, cfg.lr_server,
+                loss = self.t.server_zo_step(ctx.parts.server, ex.server, ex.h, ex.y, seeds, lam, cfg.lr_server,
                                       cfg.zo.direction, ex.aux)
             else:
-                loss = server_fo_step(ctx.parts.server, ex.server, ex.h, ex.y, cfg.lr_server, ex.aux, cfg.momentum,
+                loss = self.t.server_fo_step(ctx.parts.server, ex.server, ex.h, ex.y, cfg.lr_server, ex.aux, cfg.momentum,
                                       cfg.weight_decay, ex.server_buf)
             rec.server_loss = loss
-            check_finite(loss, "server training loss", round=r, local_step=k, party="server", client=c)
+            self.t.check_finite(loss, "server training loss", round=r, local_step=k, party="server", client=c)
             steps += 1
             if self.tau == "adaptive":
                 if steps >= self.tau_max or all(e.triggered for e in ex.perturbed):
@@ -534,12 +670,13 @@ class SplitRounds:
             if not self.shared_server:
                 jobs.append(sim.serve("aggregate_server", aggregation_flops(self.server_n, m), None, r))
             yield from run_round(sim, jobs)
-            st.client_global = aggregate(st.client_global, [results[c][0] for c in clients], weights, cfg.lr_global)
-            check_params(st.client_global, "client model", round=r, party="fed server")
+            st.client_global = self.t.aggregate(st.client_global, [results[c][0] for c in clients], weights,
+                                                cfg.lr_global)
+            self.t.check_params(st.client_global, "client model", round=r, party="fed server")
             if not self.shared_server:
-                st.server_global = aggregate(st.server_global, [results[c][1] for c in clients], weights,
-                                             cfg.lr_global)
-            check_params(st.server_global, "server model", round=r, party="split server")
+                st.server_global = self.t.aggregate(st.server_global, [results[c][1] for c in clients], weights,
+                                                    cfg.lr_global)
+            self.t.check_params(st.server_global, "server model", round=r, party="split server")
             st.round += 1
             sim.end_round(r)
 
@@ -573,6 +710,11 @@ class SplitRounds:
                 "bytes_down": sum(r.bytes_down for r in done),
             }
         }
+
+
+def _detach(h):
+    """h without its graph (a timing-only run has no h)."""
+    return h.detach() if h is not None else None
 
 
 def build(ctx: RunContext) -> SplitRounds:

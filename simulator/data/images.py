@@ -230,8 +230,9 @@ class ImageSource:
         train_limit: Optional[int] = None,
         test_limit: Optional[int] = None,
         seed: int = 0,
+        pixels: bool = True,
     ) -> Dataset:
-        """The normalised dataset as tensors (see ``load_dataset``)."""
+        """The normalised dataset as tensors (see ``load_dataset``; ``pixels=False``: raw pixels)."""
         check_limit("train_limit", train_limit)
         check_limit("test_limit", test_limit)
         started = time.perf_counter()
@@ -243,7 +244,11 @@ class ImageSource:
                     f"{self.name} ({source}): {split} labels outside 0..{num_classes - 1} "
                     f"(min {y.min()}, max {y.max()})"
                 )
-        xt, xe, mean, std = _normalise(x_tr, x_te, self.scale)
+        if pixels:
+            xt, xe, mean, std = _normalise(x_tr, x_te, self.scale)
+        else:  # a timing-only run reads labels and shapes only: zeros of the right shape, no memory
+            xt, xe = (torch.zeros((1, *x.shape[1:]), dtype=torch.float32).expand(x.shape) for x in (x_tr, x_te))
+            mean = std = (math.nan,) * x_tr.shape[1]
         ds = Dataset(
             name=self.name,
             x_train=xt,
@@ -464,6 +469,7 @@ def load_dataset(
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
     seed: int = 0,
+    pixels: bool = True,
 ) -> Dataset:
     """Load `name` from local files (or its Python package), normalised, as tensors.
 
@@ -471,6 +477,8 @@ def load_dataset(
     (proportional per class, largest-remainder rounding, drawn with
     ``generator(seed, "data", "subset", name, split)``), in the original order; a limit at or
     above the split's size keeps it whole. ``seed`` affects only these subsets: the
-    train/test split of digits and mnist_small is fixed.
+    train/test split of digits and mnist_small is fixed. ``pixels=False`` (timing-only runs,
+    which read labels and shapes only) skips the normalisation: ``x_*`` are zeros of the
+    right shape (expanded views, no memory).
     """
-    return _source(name).load(root, train_limit=train_limit, test_limit=test_limit, seed=seed)
+    return _source(name).load(root, train_limit=train_limit, test_limit=test_limit, seed=seed, pixels=pixels)

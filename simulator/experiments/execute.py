@@ -37,24 +37,37 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # One run, on a worker (or in this process)
 # --------------------------------------------------------------------------------------------
-def execute_run(spec: RunSpec, runs_dir: str) -> dict:
+def execute_run(spec: RunSpec, runs_dir: str, source: Optional[str] = None) -> dict:
     """Run one spec into ``runs_dir/<id>.partial`` and rename it when it ends; never raises
-    for a failing run (the error and traceback are recorded), only for an interrupt."""
+    for a failing run (the error and traceback are recorded), only for an interrupt.
+
+    ``source``: the id of a finished run of the batch that ``spec`` differs from only in
+    ``time.*`` keys: the run is re-timed from it (``simulator.retime``) instead of trained. A
+    source that did not complete (failed, diverged) is not re-timed from: the run trains."""
+    from simulator.retime import retime_run
     from simulator.runner import divergence_warning_muted, run_scenario
     from simulator.scenario import validate
 
     runs = Path(runs_dir)
     if rundir.run_state(runs, spec.run_id, spec.fingerprint) == "complete":
         return rundir.reused_outcome(spec.run_id, runs / spec.run_id)
+    if source is not None and (rundir.read_json(runs / source / rundir.SUMMARY) or {}).get("status") != "completed":
+        log.info("run %s trains: %s, which it would be re-timed from, did not complete", spec.run_id, source)
+        source = None
     meta = {**spec.labels(), "status": "running", "threads": spec.scenario.get("threads"),
             "host": socket.gethostname(), "pid": os.getpid(), "started_at": rundir.now()}
+    if source is not None:
+        meta["retimed_from"] = source
     partial = rundir.open_partial(runs, spec.run_id, meta)
     t0 = _time.perf_counter()
     try:
         with divergence_warning_muted():  # an outcome "diverged"; the batch's progress says it
             # in_place: this module lands runs/<id>.partial/ itself (rundir.land_finished / land_failed);
             # run_scenario still verifies the timeline, and a violation is a failed run.
-            result = run_scenario(validate(spec.scenario), partial, progress=False, in_place=True)
+            if source is not None:
+                result = retime_run(validate(spec.scenario), runs / source, partial, in_place=True)
+            else:
+                result = run_scenario(validate(spec.scenario), partial, progress=False, in_place=True)
     except Exception as e:  # a failing run is recorded; the batch goes on
         meta.update(status="failed", error=_one_line(e), host_s=_time.perf_counter() - t0, finished_at=rundir.now())
         failed = rundir.land_failed(runs, spec.run_id, meta, traceback.format_exc())
@@ -108,7 +121,7 @@ def machine_cores() -> int:
 
 def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None, scheduler: Optional[str] = None,
               threads: Optional[int] = None, progress: bool = True, overwrite: bool = False,
-              command: Optional[list[str]] = None) -> BatchResult:
+              command: Optional[list[str]] = None, retime: bool = True) -> BatchResult:
     """Run every spec of ``plan`` not already complete in ``out_dir``; return the outcomes.
 
     ``workers``: a LocalCluster of that many worker processes (default: one per core, at most
@@ -117,6 +130,9 @@ def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None,
     ``threads``: torch threads per run; default cores // workers on a local cluster, the
     scenario's own setting on an external one. ``overwrite``: re-run finished runs whose inputs
     changed (default: refuse). Completed runs are skipped; a failing run does not stop others.
+    ``retime``: runs that differ from another run of the plan only in ``time.*`` keys
+    (``Plan.retime_sources``) are re-timed from it once it has trained, instead of trained
+    (``simulator.retime``; their summary.json, run.json and runs.csv say ``retimed_from``).
     Workers are always processes: runs in threads of one process share torch's global state
     (RNG, thread count, autograd hooks) and break each other.
     """
@@ -149,8 +165,9 @@ def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None,
     runs_dir.mkdir(parents=True, exist_ok=True)
     for s in todo:  # unfinished leftovers of an interrupted batch: these runs start afresh
         shutil.rmtree(rundir.run_paths(runs_dir, s.run_id).partial, ignore_errors=True)
+    sources = plan.retime_sources() if retime else {}
     execution = {"workers": n_workers, "scheduler": scheduler, "threads_per_run": per_run, "cores": cores,
-                 "in_process": in_process}
+                 "in_process": in_process, "retimed": sources}
     rundir.write_json_atomic(out / rundir.BATCH_META, {
         **plan.info, "created_at": rundir.now(), "command": command, "execution": execution,
         "runs": [{**s.labels(), "scenario": s.scenario} for s in specs],
@@ -169,7 +186,9 @@ def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None,
         redirect = logging_redirect_tqdm()
     try:
         with redirect:
-            _execute(todo, runs_dir, out, specs, outcomes, bar, execution, n_workers, scheduler)
+            # First the runs that train, then those re-timed from them (their sources are finished by then).
+            for phase in ([s for s in todo if s.run_id not in sources], [s for s in todo if s.run_id in sources]):
+                _execute(phase, runs_dir, out, specs, outcomes, bar, execution, n_workers, scheduler, sources)
     except KeyboardInterrupt:
         for s in specs:
             outcomes.setdefault(s.run_id, rundir.outcome(s.run_id, "not_run", runs_dir / s.run_id, error="interrupted"))
@@ -187,20 +206,20 @@ def _write_runs_csv(out: Path, specs: list[RunSpec], outcomes: dict[str, dict]) 
     rundir.write_runs_csv(out, [s.labels() for s in specs], outcomes)
 
 
-def _execute(todo, runs_dir, out, specs, outcomes, bar, execution, n_workers, scheduler) -> None:
+def _execute(todo, runs_dir, out, specs, outcomes, bar, execution, n_workers, scheduler, sources) -> None:
     if not todo:
         return
     if execution["in_process"]:
         for s in todo:
             bar.running(1)
-            outcomes[s.run_id] = execute_run(s, str(runs_dir))
+            outcomes[s.run_id] = execute_run(s, str(runs_dir), sources.get(s.run_id))
             bar.done(outcomes[s.run_id])
             _write_runs_csv(out, specs, outcomes)
     else:
-        _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler)
+        _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler, sources)
 
 
-def _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler) -> None:
+def _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler, sources) -> None:
     from distributed import Client, LocalCluster, wait
 
     cluster = None
@@ -223,7 +242,7 @@ def _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler
                                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
             client = Client(cluster)
         with client:
-            futures = {client.submit(execute_run, s, str(runs_dir), pure=False,
+            futures = {client.submit(execute_run, s, str(runs_dir), sources.get(s.run_id), pure=False,
                                      key=f"sflsim-{s.run_id}-{uuid.uuid4().hex[:8]}"): s for s in todo}
             pending = set(futures)
             while pending:

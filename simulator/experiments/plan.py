@@ -70,7 +70,8 @@ def make_spec(run_id: str, raw: dict, *, variant: str = "", params: dict | None 
         scenario = validate(raw)
     except ScenarioError as e:
         raise ScenarioError(e.key, f"{e.detail} (in run {run_id})") from None
-    dumped = scenario.model_dump(mode="json", by_alias=True)
+    # timing_only only when set (as scenario.yaml has it): fingerprints of earlier batches stay valid
+    dumped = scenario.model_dump(mode="json", by_alias=True, exclude=None if scenario.timing_only else {"timing_only"})
     return RunSpec(run_id, dumped, scenario.algorithm.name, variant, scenario.seed, dict(params or {}),
                    tuple(dropped), fingerprint(dumped))
 
@@ -288,6 +289,28 @@ class Plan:
     kind: str  # "compare" or "sweep"
     specs: list[RunSpec]
     info: dict
+
+    def retime_sources(self) -> dict[str, str]:
+        """Runs that can be re-timed instead of trained: run id -> the run id they are re-timed from.
+
+        Specs that differ only in ``time.*`` keys (and labels: ``simulator.retime.LABEL_KEYS``)
+        form a group; the group's first spec in plan order trains and the others are re-timed
+        from it, where the algorithm allows (``simulator.retime.why_not_retimable``).
+        """
+        from simulator.retime import LABEL_KEYS, why_not_retimable
+        from simulator.scenario import validate
+
+        groups: dict[str, list[RunSpec]] = {}
+        for spec in self.specs:
+            rest = {k: v for k, v in spec.scenario.items() if k != "time" and k not in LABEL_KEYS}
+            groups.setdefault(fingerprint(rest), []).append(spec)
+        out: dict[str, str] = {}
+        for members in groups.values():
+            if len(members) < 2 or why_not_retimable(validate(members[0].scenario)) is not None:
+                continue
+            for spec in members[1:]:
+                out[spec.run_id] = members[0].run_id
+        return out
 
 
 def plan_compare(path: str | Path, algorithms: Sequence[str] | None = None, seeds: Any = None,

@@ -1,0 +1,88 @@
+"""How fast is a timing-only run, against a training run of the same scenario?
+
+Runs one scenario (MU-SplitFed, tau 2, ZO clients and a first-order server, small CNN on
+Fashion-MNIST: the quickstart's setting, stopped by rounds) alternately as a training run and
+as a timing-only run (``timing_only: true``), ``--repeats`` times each, and prints the medians:
+host seconds, simulated client operations per host second (client compute and messages:
+events.csv rows with a client), and the ratio training / timing-only. Then one large
+timing-only run (``--large-clients`` clients, ``--large-rounds`` rounds, every client in every
+round) and its rate. Whole runs are timed (start-up included: data labels, model, cut profile,
+output files). Usage:
+
+    python benchmarks/timing_only.py [--rounds 4] [--repeats 3] [--large-clients 1000 --large-rounds 20]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from simulator.runner import run_scenario
+from simulator.scenario import validate
+
+
+def scenario(rounds: int, clients: int, timing_only: bool, participation: float = 0.5, steps: int = 10,
+             test_limit: int = 1000):
+    return validate({
+        "name": "timing-bench", "seed": 0, "threads": 1, "timing_only": timing_only,
+        "data": {"dataset": "fashion_mnist", "num_clients": clients, "test_limit": test_limit},
+        "model": {"name": "small_cnn", "cut": 1},
+        "algorithm": {"name": "mu_splitfed", "batch_size": 32, "participation": participation,
+                      "local_steps": steps, "tau": 2, "client_optimizer": "zo", "server_optimizer": "fo",
+                      "lr_client": 0.001, "lr_server": 0.1},
+        "time": {"client": {"flops_per_s": 2e9, "tiers": [{"name": "straggler", "share": 0.2, "speed_factor": 0.25}],
+                            "delay_s": {"dist": "exponential", "mean": 0.05}},
+                 "server": {"flops_per_s": 5e10, "capacity": 2}},
+        "eval": {"every_rounds": None},
+        "stop": {"rounds": rounds},
+    })
+
+
+def timed(s) -> tuple[float, int, float]:
+    """(host seconds, client operations, simulated seconds) of one whole run."""
+    t0 = time.perf_counter()
+    res = run_scenario(s)
+    host = time.perf_counter() - t0
+    ops = sum(1 for e in res.recorder.events if e.client is not None)
+    return host, ops, res.summary["sim_time_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--large-clients", type=int, default=1000)
+    ap.add_argument("--large-rounds", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    train, timing = [], []
+    timed(scenario(1, args.clients, True))  # warm-up: imports, dataset file cache
+    for _ in range(args.repeats):  # alternate A and B so machine load hits both alike
+        train.append(timed(scenario(args.rounds, args.clients, False)))
+        timing.append(timed(scenario(args.rounds, args.clients, True)))
+    assert len({t[1] for t in train + timing}) == 1, "the two modes charged different operations"
+    assert len({t[2] for t in train + timing}) == 1, "the two modes ended at different simulated times"
+    h_train = statistics.median(t[0] for t in train)
+    h_timing = statistics.median(t[0] for t in timing)
+    ops = train[0][1]
+    print(f"scenario: mu_splitfed tau 2 (ZO clients, FO server), small_cnn, fashion_mnist, {args.clients} clients, "
+          f"participation 0.5, 10 local steps, {args.rounds} rounds; {ops} client operations; medians of "
+          f"{args.repeats}, alternated")
+    print(f"{'mode':<14}{'host s':>10}{'client ops / host s':>22}")
+    print(f"{'training':<14}{h_train:>10.3f}{ops / h_train:>22,.0f}")
+    print(f"{'timing-only':<14}{h_timing:>10.3f}{ops / h_timing:>22,.0f}")
+    print(f"ratio training / timing-only: {h_train / h_timing:.1f}x")
+
+    big = scenario(args.large_rounds, args.large_clients, True, participation=1.0, steps=2, test_limit=100)
+    host, ops, sim = timed(big)
+    print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 local "
+          f"steps): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
+          f"{ops / host:,.0f} client ops / host s")
+
+
+if __name__ == "__main__":
+    main()
