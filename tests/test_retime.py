@@ -21,7 +21,7 @@ BASE_TIME = {
         "delay_s": {"dist": "exponential", "mean": 0.05},
         "tiers": [{"name": "slow", "clients": [1], "speed_factor": 0.5}],
     },
-    "server": {"flops_per_s": 2.0e7, "capacity": 1},
+    "server": {"flops_per_s": 5.0e6, "capacity": 1},  # slow enough that server slots are contended
     "episodes": [{"kind": "slowdown", "clients": [0], "start_s": 0.5, "end_s": 3.0, "factor": 4.0}],
 }
 
@@ -40,7 +40,7 @@ CHANGES = {
                   "time.network.downlink.latency_s=0.2"],
     "capacity": ["time.server.capacity=3"],
     "all": ["time.server.capacity=null", "time.client.tiers=[]", "time.episodes=[{kind: unreachable, clients: [2], "
-            "start_s: 0.0, end_s: 5.0}]", "time.server.flops_per_s=5e6"],
+            "start_s: 0.0, end_s: 5.0}]", "time.server.flops_per_s=2e7"],
 }
 
 
