@@ -124,7 +124,7 @@ def _check_model(s: Scenario) -> None:
 def _check_text_model_files(name: str, local_path: Optional[str]) -> None:
     """A text model's files: the checkpoint in model.local_path, else the MiniLM package (its
     tokenizer serves every random-weight model too). Nothing is loaded."""
-    from models.text import minilm_path
+    from models.specs import minilm_path
 
     if local_path is None:
         try:

