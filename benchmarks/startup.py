@@ -13,7 +13,7 @@ and taking medians, and printed as a ratio next to its reference measured in the
 3. A batch (``run_batch`` on a local Dask cluster of 2 spawned workers, what ``sflsim compare``
    does) of short runs: wall time per run, this code against ``--baseline REV`` (the code of a
    git revision, exported with ``git archive``) when given, and against the same batch run in
-   one process (``--workers 1``).
+   one process (``--workers 1``). ``--baseline`` also times validate of that revision.
 
     python benchmarks/startup.py                       # everything, 3 repeats
     python benchmarks/startup.py --baseline c051211    # + the batch of the code before issue 10
@@ -127,24 +127,30 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def bench_validate(repeat: int) -> None:
+def bench_validate(repeat: int, baseline: str | None = None) -> None:
     py = sys.executable
     scenario = "scenarios/quickstart.yaml"
-    times: dict[str, list[float]] = {"pass": [], "import torch": [], "validate": []}
-    torch_seen = set()
-    for _ in range(repeat):
-        times["pass"].append(_timed([py, "-c", "pass"])[0])
-        times["import torch"].append(_timed([py, "-c", "import torch"])[0])
-        wall, proc = _timed([py, "-c", VALIDATE, scenario])
-        times["validate"].append(wall)
-        torch_seen.add(proc.stderr.strip().splitlines()[-1])
-    v, p, t = (_med(times[k]) for k in ("validate", "pass", "import torch"))
+    with tempfile.TemporaryDirectory(prefix="sflsim-bench-validate-") as tmp:
+        codes = {"sflsim validate": ROOT}
+        if baseline:
+            codes[f"sflsim validate ({baseline})"] = _export(baseline, Path(tmp))
+        times: dict[str, list[float]] = {"python -c pass": [], "python -c 'import torch'": []}
+        torch_seen: dict[str, set] = {}
+        for _ in range(repeat):
+            times["python -c pass"].append(_timed([py, "-c", "pass"])[0])
+            times["python -c 'import torch'"].append(_timed([py, "-c", "import torch"])[0])
+            for label, code in codes.items():
+                wall, proc = _timed([py, "-c", VALIDATE, scenario], cwd=code, env=_env({"PYTHONPATH": str(code)}))
+                times.setdefault(label, []).append(wall)
+                torch_seen.setdefault(label, set()).add(proc.stderr.strip().splitlines()[-1])
+    p, t = _med(times["python -c pass"]), _med(times["python -c 'import torch'"])
     print(f"\n## sflsim validate {scenario} (median of {repeat}, fresh processes)")
-    print("| process | seconds | / python -c pass | / import torch |")
-    print("|---|---|---|---|")
-    for name, s in (("python -c pass", p), ("python -c 'import torch'", t), ("sflsim validate", v)):
-        print(f"| {name} | {s:.2f} | {s / p:.1f}x | {s / t:.2f}x |")
-    print(f"validate: {', '.join(sorted(torch_seen))}")
+    print("| process | seconds | / python -c pass | / import torch | torch |")
+    print("|---|---|---|---|---|")
+    for name, ws in times.items():
+        s = _med(ws)
+        seen = ", ".join(sorted(torch_seen.get(name, set()))) or "-"  # reported by the validate processes
+        print(f"| {name} | {s:.2f} | {s / p:.1f}x | {s / t:.2f}x | {seen} |")
 
 
 def bench_runs(repeat: int, scenarios: list[str]) -> None:
@@ -230,14 +236,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="validate,runs,batch", help="comma-separated: validate, runs, batch")
     ap.add_argument("--scenarios", default=",".join(IMAGE_SCENARIOS + TEXT_SCENARIOS))
-    ap.add_argument("--baseline", default=None, metavar="REV", help="git revision to compare the batch with")
+    ap.add_argument("--baseline", default=None, metavar="REV", help="git revision to compare validate and the batch with")
     ap.add_argument("--batch-runs", type=int, default=8)
     args = ap.parse_args()
     only = set(args.only.split(","))
     print(f"sflsim start-up benchmark; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     if "validate" in only:
-        bench_validate(args.repeat)
+        bench_validate(args.repeat, args.baseline)
     if "runs" in only:
         bench_runs(args.repeat, [s for s in args.scenarios.split(",") if s])
     if "batch" in only:
