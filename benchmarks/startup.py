@@ -214,7 +214,7 @@ def bench_batch(repeat: int, baseline: str | None, runs: int) -> None:
         for i in range(repeat):
             for label, code in codes.items():
                 for workers in (2, 1):
-                    out = tmp / f"out-{len(walls)}-{i}-{workers}"
+                    out = tmp / f"out-{label.replace(' ', '-')}-{i}-{workers}"  # a fresh folder per batch
                     args = [py, "-c", BATCH, str(code / scenario), algorithms, seeds, json.dumps(overrides), str(out),
                             str(workers)]
                     env = _env({"SFLSIM_CACHE": str(cache), "PYTHONPATH": str(code)})
