@@ -91,7 +91,8 @@ plan = plan_compare(sys.argv[1], algorithms=sys.argv[2].split(","), seeds=sys.ar
 res = run_batch(plan, sys.argv[5], workers=int(sys.argv[6]), threads=1, progress=False)
 wall = time.perf_counter() - t0
 assert all(o["status"] == "completed" for o in res.outcomes), res.outcomes
-print(json.dumps({"wall": wall, "runs": len(res.outcomes)}))
+host = sorted(o["host_s"] for o in res.outcomes)  # each run's own time on its worker (execute_run)
+print(json.dumps({"wall": wall, "runs": len(res.outcomes), "host_median": host[len(host) // 2], "host_max": host[-1]}))
 """
 
 # Validate, reporting whether torch was imported (the CLI's own main, in a fresh interpreter).
@@ -210,6 +211,7 @@ def bench_batch(repeat: int, baseline: str | None, runs: int) -> None:
         cache = tmp / "cache"
         _timed([py, "-c", PHASES, str(ROOT / scenario)], env=_env({"SFLSIM_CACHE": str(cache)}))  # warm cache
         walls: dict[tuple[str, int], list[float]] = {}
+        hosts: dict[tuple[str, int], list[tuple[float, float]]] = {}
         n_runs = 0
         for i in range(repeat):
             for label, code in codes.items():
@@ -221,14 +223,18 @@ def bench_batch(repeat: int, baseline: str | None, runs: int) -> None:
                     res = _last_json(_timed(args, cwd=code, env=env)[1])
                     n_runs = res["runs"]
                     walls.setdefault((label, workers), []).append(res["wall"])
+                    hosts.setdefault((label, workers), []).append((res["host_median"], res["host_max"]))
     print(f"\n## A batch of {n_runs} one-round runs (straggler_scaling, train_limit 2000), median of {repeat}")
     ref = _med(walls[("this code", 1)]) / n_runs
-    print("| code | execution | wall per run (s) | / this code in one process |")
-    print("|---|---|---|---|")
+    print("| code | execution | batch wall per run (s) | / this code in one process | a run on its worker: "
+          "median (s) | slowest (s) |")
+    print("|---|---|---|---|---|---|")
     for (label, workers), ws in sorted(walls.items()):
         per = _med(ws) / n_runs
         how = "2 spawned Dask workers" if workers == 2 else "in one process (--workers 1)"
-        print(f"| {label} | {how} | {per:.2f} | {per / ref:.2f}x |")
+        med_host = _med([h[0] for h in hosts[(label, workers)]])
+        max_host = _med([h[1] for h in hosts[(label, workers)]])
+        print(f"| {label} | {how} | {per:.2f} | {per / ref:.2f}x | {med_host:.2f} | {max_host:.2f} |")
 
 
 def main() -> None:
