@@ -1,7 +1,8 @@
 """Figures: functions that draw onto a matplotlib ``ax`` they are given and return it.
 
 No pyplot global state: ``new_figure`` makes a standalone Figure (Agg canvas), so plotting
-works the same in a notebook, a script, a test and a Dask worker. The numbers come from
+works the same in a notebook, a script, a test and a Dask worker. Import this module only where
+a figure is drawn (the runner does, when it writes the figure): matplotlib costs about a second. The numbers come from
 ``analysis.traces`` (curves over seeds, per-run values); this module only draws them.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -29,8 +31,10 @@ ACTIVITY_COLORS = {
 
 
 def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
-    """A standalone Figure with one Axes (not registered with pyplot)."""
+    """A standalone Figure with one Axes on an Agg canvas (not registered with pyplot, so no
+    GUI backend is ever imported or selected)."""
     fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
     ax = fig.subplots()
     return fig, ax
 

@@ -6,6 +6,12 @@ not change the model: it runs on shadow leaf tensors (``torch.func.functional_ca
 model's parameters, ``.grad`` fields, buffers and torch's global RNG are left as they were.
 This module prices nothing in seconds (that is the latency models' job).
 
+Measuring costs seconds the first time in a process (FlopCounterMode and the meta device
+import torch._dynamo and sympy), so runs take their profile through ``cached_profile_cut`` /
+``cached_profile_text_cut``: an on-disk cache (``cache_dir()``: ``$SFLSIM_CACHE``, else the
+user cache) keyed by everything a profile depends on, including the torch version and a digest
+of this code. A profile read from the cache equals the measured one, field for field.
+
 What FlopCounterMode counts (torch 2.x): matmul-like and convolution ops (mm, addmm, bmm,
 convolution and its backward, attention kernels), 2 FLOPs per multiply-add. It does NOT count
 pooling, ReLU, softmax / log-softmax, the loss, bias adds, batch norm or other elementwise ops.
@@ -13,9 +19,18 @@ For the networks here those are a small share; the numbers are a lower bound on 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.split import SplitModel
 from models.text import ServerWithMask, TextSplitModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -195,3 +212,167 @@ def profile_text_cut(parts: TextSplitModel, seq_len: int, batch_size: int) -> Cu
     wrapped = SplitModel(client=parts.client, server=ServerWithMask(parts.server, mask), cut=parts.cut)
     prof = profile_cut(wrapped, (seq_len,), batch_size, input_dtype=torch.long)
     return dataclasses.replace(prof, label_bytes=prof.label_bytes + int(mask.nbytes))
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache of cut profiles
+# --------------------------------------------------------------------------------------------
+#: Environment variable naming the cache folder (profiles go in its ``profiles/``); ``off``
+#: turns the cache off. Unset: $XDG_CACHE_HOME/sflsim, else ~/.cache/sflsim.
+CACHE_ENV = "SFLSIM_CACHE"
+#: Bumped when the entry format changes (older entries are then simply not found).
+CACHE_FORMAT = 1
+#: The code a profile depends on: the measurement and the model definitions.
+_PROFILED_CODE = ("profile.py", "split.py", "zoo.py", "text.py", "specs.py")
+
+
+def cache_dir() -> Optional[Path]:
+    """The folder of cached cut profiles, or None when ``$SFLSIM_CACHE`` is ``off``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    if env:
+        return Path(env).expanduser() / "profiles"
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "sflsim" / "profiles"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 of the source of the profiling and model code: an edit there invalidates entries."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in _PROFILED_CODE:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _structure(parts: Any) -> str:
+    """SHA-256 of the two parts' architecture: module reprs, parameter and buffer names, shapes,
+    dtypes and trainable flags (a frozen parameter changes the backward)."""
+    h = hashlib.sha256()
+    for side in (parts.client, parts.server):
+        h.update(repr(side).encode())
+        for name, p in side.named_parameters():
+            h.update(f"\0p {name} {tuple(p.shape)} {p.dtype} {p.requires_grad}".encode())
+        for name, b in side.named_buffers():
+            h.update(f"\0b {name} {tuple(b.shape)} {b.dtype}".encode())
+    return h.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _from_entry(entry: Any, key: dict) -> CutProfile:
+    """The profile of a parsed cache entry; ValueError saying what is wrong with it."""
+    if not isinstance(entry, dict) or set(entry) != {"key", "profile", "checksum"}:
+        raise ValueError("not a cache entry")
+    if entry["checksum"] != hashlib.sha256(_canonical([entry["key"], entry["profile"]]).encode()).hexdigest():
+        raise ValueError("checksum mismatch")
+    if entry["key"] != key:
+        raise ValueError("it belongs to another key")
+    data = entry["profile"]
+    names = [f.name for f in dataclasses.fields(CutProfile)]
+    if not isinstance(data, dict) or sorted(data) != sorted(names):
+        raise ValueError("fields differ from CutProfile's")
+    values = {}
+    for name in names:
+        v = data[name]
+        if name == "activation_shape":
+            if not isinstance(v, list) or not all(type(s) is int and s > 0 for s in v):
+                raise ValueError("activation_shape is not a list of positive integers")
+            v = tuple(v)
+        elif type(v) is not int or v < 0:
+            raise ValueError(f"{name} is not a non-negative integer")
+        values[name] = v
+    return CutProfile(**values)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Optional[Path] = None) -> CutProfile:
+    """The profile stored under ``key`` in ``folder`` (default ``cache_dir()``), else ``measure()``,
+    stored for next time.
+
+    ``key`` must hold everything the profile depends on (JSON values); the torch version and a
+    digest of the profiling and model code are added here. An entry is checked before it is
+    used (its own checksum, its full key, every field's type): a corrupt or foreign entry is
+    logged and measured again, never used. A cache that cannot be written is logged and the
+    measured profile returned.
+    """
+    folder = cache_dir() if folder is None else Path(folder)
+    if folder is None:
+        return measure()
+    full = {**key, "format": CACHE_FORMAT, "torch": torch.__version__, "code": _code_digest()}
+    full = json.loads(_canonical(full))  # the key as it reads back from JSON (tuples -> lists)
+    path = folder / f"{hashlib.sha256(_canonical(full).encode()).hexdigest()[:40]}.json"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot read the cut-profile cache entry %s (%s); measuring the profile", path, e.strerror)
+    else:
+        try:
+            prof = _from_entry(json.loads(raw.decode("utf-8")), full)
+            log.debug("cut profile from the cache: %s", path)
+            return prof
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            log.warning("corrupt cut-profile cache entry %s (%s); measuring the profile again", path,
+                        " ".join(str(e).split())[:200])
+    t0 = time.perf_counter()
+    prof = measure()
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(prof).items()}
+    entry = {"key": full, "profile": data,
+             "checksum": hashlib.sha256(_canonical([full, data]).encode()).hexdigest()}
+    try:
+        _write_atomic(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+        log.info("measured the cut profile in %.2f s; cached in %s", time.perf_counter() - t0, path)
+    except OSError as e:
+        log.warning("cannot write the cut-profile cache %s (%s); the profile is measured on every run "
+                    "(set %s to a writable folder, or to off)", folder, e.strerror or e, CACHE_ENV)
+    return prof
+
+
+def cached_profile_cut(parts: SplitModel, input_shape: tuple[int, ...], batch_size: int, *,
+                       model: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+                       input_dtype: torch.dtype | None = None, device: str | torch.device = "meta",
+                       folder: Optional[Path] = None) -> CutProfile:
+    """``profile_cut`` through the disk cache (``cached``).
+
+    ``model``: the model's name and constructor arguments (e.g. ``{"name": "alexnet",
+    "in_channels": 1, "num_classes": 10, "input_hw": [28, 28]}``); the key also holds the cut,
+    a digest of the built parts' architecture, the input shape, the batch, the dtypes and the
+    profiling device.
+    """
+    key = {"profile": "image", "model": dict(model), "cut": parts.cut, "structure": _structure(parts),
+           "input_shape": list(input_shape), "batch_size": batch_size, "dtype": str(dtype),
+           "input_dtype": str(input_dtype), "device": str(device)}
+    return cached(key, lambda: profile_cut(parts, input_shape, batch_size, dtype, input_dtype=input_dtype,
+                                           device=device), folder)
+
+
+def cached_profile_text_cut(parts: TextSplitModel, seq_len: int, batch_size: int, *, model: Mapping[str, Any],
+                            folder: Optional[Path] = None) -> CutProfile:
+    """``profile_text_cut`` through the disk cache; ``model`` as for ``cached_profile_cut``
+    (name, config, local_path, classes). The transformers version is part of the key."""
+    from importlib.metadata import version
+
+    key = {"profile": "text", "model": dict(model), "cut": parts.cut, "structure": _structure(parts),
+           "seq_len": seq_len, "batch_size": batch_size, "transformers": version("transformers")}
+    return cached(key, lambda: profile_text_cut(parts, seq_len, batch_size), folder)

@@ -1,24 +1,22 @@
 """Every model a scenario can name: ``MODELS``, the one list of model names.
 
-The scenario's ``model.name`` values, its image/text pairing check, its cut check and
-``sflsim list`` all read it. Each entry has ``name``, ``kind`` (``"image"`` or ``"text"``:
+The scenario's ``model.name`` values, its image/text pairing check, its cut check, pre-flight
+and ``sflsim list`` all read it. Each entry has ``name``, ``kind`` (``"image"`` or ``"text"``:
 which datasets it takes), ``summary`` (one line), ``cut_range()`` (for ``sflsim list``) and
 ``check(cut, config, local_path)``, which raises ``ScenarioError`` naming the key when a
-scenario's model section cannot work, before anything is built. The entries live next to
-their builders:
+scenario's model section cannot work, before anything is built. Importing this module does not
+import torch: the entries live in ``models.specs``; their builders in ``models.zoo``
+(``BUILDERS``, built by ``build_model``) and ``models.text`` (``build_text_model``).
 
-- ``zoo.py``: ``IMAGE_MODELS`` (builder and cut table per network), built by ``build_model``;
-- ``text.py``: ``TEXT_MODEL_SPECS`` (OPT, MiniLM, the OPT presets), built by ``build_text_model``.
-
-To add a model: write its builder and add one entry to ``IMAGE_MODELS`` (or, for a new text
-architecture, a branch of ``build_hf_model`` and one entry to ``TEXT_MODEL_SPECS``).
+To add a model: write its builder and add one entry to ``models.specs.IMAGE_MODELS`` and
+``models.zoo.BUILDERS`` (or, for a new text architecture, a branch of ``build_hf_model`` and
+one entry to ``TEXT_MODEL_SPECS``).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Protocol
 
-from models.text import TEXT_MODEL_SPECS
-from models.zoo import IMAGE_MODELS
+from models.specs import IMAGE_MODELS, TEXT_MODEL_SPECS
 
 
 class ModelSpec(Protocol):

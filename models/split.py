@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported by ``split`` itself: ``import models`` stays torch-free
+    from torch import nn
 
 
 @dataclass
@@ -31,6 +33,8 @@ def split(model: nn.Sequential, cut: int) -> SplitModel:
     ``split.server(split.client(x))`` equals ``model(x)`` exactly. Raises ValueError for a cut
     the model does not define, naming the valid ones.
     """
+    from torch import nn
+
     cuts = getattr(model, "cuts", None)
     if not isinstance(model, nn.Sequential) or not isinstance(cuts, dict):
         raise TypeError(

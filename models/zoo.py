@@ -1,49 +1,51 @@
 """Vision split networks: each model is an ``nn.Sequential`` of named blocks plus its cut table.
 
 A model here never knows where it will be cut and never has a mode-dependent ``forward``:
-``models.split.split`` cuts it between blocks. ``IMAGE_MODELS`` holds one entry per network:
-its builder, its cut table (the user-facing cut number, the papers' L1..L4 -> 1..4, to the
-number of leading blocks that go to the client) and one line for ``sflsim list``. Every model
-``build_model`` returns carries that table as ``cuts``. Adding an image model is a builder
-function and one entry. Initialisation randomness comes only from ``simulator.rng.seeded_torch``.
+``models.split.split`` cuts it between blocks. ``BUILDERS`` has one builder per network; its
+catalogue entry (``IMAGE_MODELS`` in the torch-free ``models.specs``, re-exported here) holds
+its cut table (the user-facing cut number, the papers' L1..L4 -> 1..4, to the number of leading
+blocks that go to the client), the smallest input it takes and one line for ``sflsim list``.
+Every model ``build_model`` returns carries that table as ``cuts``. Adding an image model is a
+builder function here and one entry in ``models.specs``. Initialisation randomness comes only
+from ``simulator.rng.seeded_torch``.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Callable
 
 import torch
 from torch import nn
 
+from models.specs import IMAGE_MODELS, ImageModel  # noqa: F401 - the catalogue entries (torch-free)
 from simulator import rng
-from simulator.errors import ScenarioError
 
 ModelBuilder = Callable[[int, int, tuple[int, int]], nn.Sequential]
 
 
 def _feature_numel(
-    make_features: Callable[[], OrderedDict[str, nn.Module]],
+    features: OrderedDict[str, nn.Module],
     in_channels: int,
     input_hw: tuple[int, int],
     model_name: str,
 ) -> int:
-    """Elements per sample after the feature blocks, from a forward on the meta device.
+    """Elements per sample after the feature blocks, from a real forward of one zero sample.
 
-    The throwaway copy is built on the meta device: no memory, no data, and no draw from
-    torch's CPU generator, so the real initialisation is unaffected.
+    ``features`` are the model's own blocks, already built: the forward draws nothing from
+    torch's generator (no dropout in feature blocks), so the initialisation that follows is
+    unaffected, and it costs about a millisecond on the CPU. (A forward on the meta device
+    would import sympy and torch._dynamo, seconds of start-up.)
     """
-    with torch.device("meta"):
-        features = nn.Sequential(make_features())
-        probe = torch.zeros(1, in_channels, *input_hw)
-        try:
-            out = features(probe)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{model_name}: input {in_channels}x{input_hw[0]}x{input_hw[1]} is too small "
-                f"for this network ({err})"
-            ) from err
+    probe = torch.zeros(1, in_channels, *input_hw)
+    try:
+        with torch.no_grad():
+            out = nn.Sequential(features)(probe)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{model_name}: input {in_channels}x{input_hw[0]}x{input_hw[1]} is too small "
+            f"for this network ({err})"
+        ) from err
     return math.prod(out.shape[1:])
 
 
@@ -81,8 +83,8 @@ def alexnet(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn
     The public code hard-codes the flatten size 256*3*3 (right for 28x28 and 32x32); here it is
     computed from ``input_hw``.
     """
-    flat = _feature_numel(lambda: _alexnet_features(in_channels), in_channels, input_hw, "alexnet")
     blocks = _alexnet_features(in_channels)
+    flat = _feature_numel(blocks, in_channels, input_hw, "alexnet")
     blocks["flatten"] = nn.Sequential(nn.Flatten())
     blocks["fc1"] = nn.Sequential(nn.Linear(flat, 1024))
     blocks["fc2"] = nn.Sequential(nn.Linear(1024, 512))
@@ -112,10 +114,8 @@ def small_cnn(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> 
 
     Cuts: 1 -> [conv1], 2 -> [conv1, conv2].
     """
-    flat = _feature_numel(
-        lambda: _small_cnn_features(in_channels), in_channels, input_hw, "small_cnn"
-    )
     blocks = _small_cnn_features(in_channels)
+    flat = _feature_numel(blocks, in_channels, input_hw, "small_cnn")
     blocks["flatten"] = nn.Sequential(nn.Flatten())
     blocks["fc1"] = nn.Sequential(nn.Linear(flat, 64), nn.ReLU())
     blocks["fc2"] = nn.Sequential(nn.Linear(64, num_classes))
@@ -137,39 +137,8 @@ def mlp(in_channels: int, num_classes: int, input_hw: tuple[int, int]) -> nn.Seq
     return nn.Sequential(blocks)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ImageModel:
-    """An image split network: its builder, where it may be cut, one line for ``sflsim list``."""
-
-    kind: ClassVar[str] = "image"
-    name: str
-    build: ModelBuilder  # (in_channels, num_classes, (H, W)) -> nn.Sequential of named blocks
-    cuts: Mapping[int, int]  # cut number (the papers' L1..L4) -> leading blocks on the client
-    summary: str
-
-    def check(self, cut: int, config: Optional[Mapping[str, Any]], local_path: Optional[str]) -> None:
-        """A scenario's model section, before anything is built (ScenarioError naming the key)."""
-        for key, value in (("config", config), ("local_path", local_path)):
-            if value is not None:
-                raise ScenarioError(f"model.{key}", f"only text models take {key}; {self.name} does not")
-        if cut not in self.cuts:
-            raise ScenarioError("model.cut", f"{self.name} has cuts {', '.join(map(str, sorted(self.cuts)))}, "
-                                             f"got {cut}")
-
-    def cut_range(self) -> str:
-        """The valid cuts, for ``sflsim list``."""
-        return ", ".join(map(str, sorted(self.cuts)))
-
-
-IMAGE_MODELS: dict[str, ImageModel] = {m.name: m for m in (
-    ImageModel(name="alexnet", build=alexnet,
-               cuts={1: 1, 2: 2, 3: 3, 4: 5},  # 4: all convs on the client, server = flatten + linears
-               summary="the AlexNet-style split network of GAS and MU-SplitFed (inputs of 12x12 or more)"),
-    ImageModel(name="small_cnn", build=small_cnn, cuts={1: 1, 2: 2},
-               summary="a fast two-conv network for quick runs (inputs of 4x4 or more)"),
-    ImageModel(name="mlp", build=mlp, cuts={1: 2, 2: 3},  # block 0 is flatten
-               summary="a tiny multilayer perceptron, for unit tests"),
-)}
+#: The builder of every ``IMAGE_MODELS`` entry (models.specs: cuts, input sizes, summary).
+BUILDERS: dict[str, ModelBuilder] = {"alexnet": alexnet, "small_cnn": small_cnn, "mlp": mlp}
 
 
 def build_model(
@@ -195,8 +164,9 @@ def build_model(
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"{name}: input_hw must be two positive ints, got {input_hw!r}")
     entry = IMAGE_MODELS[name]
+    entry.check_input((in_channels, *hw))
     with rng.seeded_torch(seed, "init", name):
-        model = entry.build(in_channels, num_classes, hw)  # type: ignore[arg-type]
+        model = BUILDERS[name](in_channels, num_classes, hw)  # type: ignore[arg-type]
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model builder {name!r} must return an nn.Sequential of named blocks")
     model.cuts = dict(entry.cuts)

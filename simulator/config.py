@@ -107,7 +107,7 @@ class KeyedValueError(ValueError):
 class Strict(BaseModel):
     """Base of every scenario section: unknown keys are errors and objects are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 
 # Text-model knowledge lives in models/ (models.text.check_fit, ServerWithMask; profile_text_cut).
-from models.profile import profile_text_cut
+# Profiles come through the disk cache (models.profile.cached): no torch._dynamo import when cached.
+from models.profile import cached_profile_cut, cached_profile_text_cut
 from simulator import rundir, verify
 from simulator.algorithms import ALGORITHMS
 from simulator.algorithms.common import RunContext
@@ -81,7 +82,6 @@ def resolve_device(name: str) -> torch.device:
 def build_context(scenario: Scenario, sim: Simulation, device: torch.device, pixels: bool = True) -> RunContext:
     """Data, partitions, split model and cut profile for a scenario (``pixels=False``: a
     timing-only run, which reads the labels and shapes only, skips normalising the images)."""
-    from models.profile import profile_cut
     from models.split import split
     from models.zoo import build_model
     from simulator.data import DATASETS, load_dataset
@@ -99,7 +99,9 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device, pix
     except ValueError as e:
         raise ScenarioError("model.cut", str(e)) from None
     batch = getattr(scenario.algorithm, "batch_size", 32)
-    return _context(scenario, sim, device, data, parts, parts_idx, profile_cut(parts, data.input_shape, batch))
+    built = {"name": scenario.model.name, "in_channels": c, "num_classes": data.num_classes, "input_hw": [h, w]}
+    profile = cached_profile_cut(parts, data.input_shape, batch, model=built)
+    return _context(scenario, sim, device, data, parts, parts_idx, profile)
 
 
 def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device) -> RunContext:
@@ -123,7 +125,9 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
         raise ScenarioError("model.cut" if "invalid cut" in str(e) else "model.config", str(e)) from None
     check_fit(parts, data, d.max_len)
     batch = getattr(scenario.algorithm, "batch_size", 32)
-    return _context(scenario, sim, device, data, parts, parts_idx, profile_text_cut(parts, d.max_len, batch))
+    built = {"name": m.name, "config": m.config, "local_path": m.local_path, "num_classes": data.num_classes}
+    profile = cached_profile_text_cut(parts, d.max_len, batch, model=built)
+    return _context(scenario, sim, device, data, parts, parts_idx, profile)
 
 
 def _partition(scenario: Scenario, labels) -> list:

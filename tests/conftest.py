@@ -28,6 +28,21 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _profile_cache(tmp_path_factory):
+    """Cut profiles are cached in a folder of this test session, never in the user's cache
+    (subprocesses inherit it through the environment)."""
+    import os
+
+    old = os.environ.get("SFLSIM_CACHE")
+    os.environ["SFLSIM_CACHE"] = str(tmp_path_factory.mktemp("sflsim-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SFLSIM_CACHE", None)
+    else:
+        os.environ["SFLSIM_CACHE"] = old
+
+
 @pytest.fixture
 def tiny_raw() -> dict:
     """A fresh copy of a tiny scenario mapping (digits, MLP, 4 clients, 2 rounds)."""

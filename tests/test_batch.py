@@ -275,6 +275,7 @@ def test_compare_on_a_local_dask_cluster(tmp_path, scenario_file):
     assert not any(p.name.endswith((".partial", ".failed")) for p in (tmp_path / "dask" / "runs").iterdir())
     pids = {json.loads((tmp_path / "dask" / "runs" / o["run_id"] / "run.json").read_text())["pid"] for o in a.outcomes}
     assert os.getpid() not in pids
+    assert len(pids) <= 2  # warm workers: each process runs run after run
     b = run_batch(_small_plan(scenario_file), tmp_path / "local", workers=1, threads=1, progress=False)
     for x, y in zip(a.outcomes, b.outcomes):  # same seed, same thread count: same numbers anywhere
         assert (x["final_accuracy"], x["sim_time_s"]) == (y["final_accuracy"], y["sim_time_s"])
@@ -285,6 +286,8 @@ def test_compare_on_spawned_dask_workers(tmp_path, scenario_file):
     """The CLI's setting: spawned worker processes that import sflsim themselves."""
     a = run_batch(_small_plan(scenario_file), tmp_path / "dask", workers=2, threads=1, progress=False)
     assert [o["status"] for o in a.outcomes] == ["completed"] * 4
+    pids = {json.loads((tmp_path / "dask" / "runs" / o["run_id"] / "run.json").read_text())["pid"] for o in a.outcomes}
+    assert len(pids) <= 2  # two worker processes, each warmed once (preload), ran the four runs
 
 
 def test_cli_compare_report_and_errors(tmp_path, scenario_file, capsys, monkeypatch):

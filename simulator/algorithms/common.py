@@ -13,24 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch.func import functional_call
 
 from simulator import rng
 from simulator.errors import Diverged
-from simulator.config import (
-    MAX_PERTURBATIONS,
-    BatchSize,
-    Fraction,
-    KeyedValueError,
-    LocalEpochs,
-    LocalSteps,
-    NonNegFloat,
-    PosFloat,
-    Strict,
-    bounded_float,
-    bounded_int,
-)
+# The shared configs live in the torch-free configs module; re-exported under their old names.
+from simulator.algorithms.configs import RENAMED, RoundConfig, TrainConfig, ZOConfig, refuse  # noqa: F401
 
 if TYPE_CHECKING:  # types only: common.py must not import the runner's world at run time
     from models.profile import CutProfile
@@ -39,87 +27,6 @@ if TYPE_CHECKING:  # types only: common.py must not import the runner's world at
     from simulator.timing import TimingOnly
 
 Params = dict[str, torch.Tensor]
-
-
-class ZOConfig(Strict):
-    """The zeroth-order estimator of every ZO party (client probes and server ZO steps)."""
-
-    lam: PosFloat = Field(0.005, description="Smoothing radius lambda of the two-point estimate (paper: 0.005).")
-    perturbations: bounded_int(1, MAX_PERTURBATIONS) = Field(1,  # type: ignore[valid-type]
-        description="P: directions per estimate (a ZO client sends 2P perturbed activations).")
-    direction: Literal["gaussian", "sphere"] = Field(
-        "gaussian", description="u ~ N(0, I) (the authors' code, MeZO) or uniform on the sphere of radius sqrt(d) (the paper).")
-
-
-#: Keys of earlier versions and what they are called now (a clear error instead of "unknown key").
-RENAMED = {
-    "eta_c": "lr_client", "eta_s": "lr_server", "eta_g": "lr_global",
-    "lam": "zo.lam", "perturbations": "zo.perturbations", "direction": "zo.direction",
-    "zo_lam": "zo.lam", "zo_perturbations": "zo.perturbations", "zo_direction": "zo.direction",
-}
-
-
-class TrainConfig(Strict):
-    """The vocabulary every algorithm shares: one key, one meaning, in every algorithm.
-
-    An algorithm that cannot honour a value refuses it at validation with the dotted key
-    (``_refuse``), never by ignoring it. Momentum and weight decay apply to first-order steps;
-    ZO steps are plain SGD (a momentum buffer would be the parameter copy ZO exists to avoid).
-    """
-
-    batch_size: BatchSize = Field(32, description="Minibatch size B.")
-    local_steps: Optional[LocalSteps] = Field(5, description="Local iterations (minibatches) per client per round (null: use local_epochs).")
-    local_epochs: Optional[LocalEpochs] = Field(None, description="Passes over the client's data per round, instead of local_steps.")
-    client_optimizer: Literal["fo", "zo"] = Field(
-        "fo", description="fo: backprop of dL/dh sent by the server; zo: two-point ZO from 2P perturbed activations.")
-    server_optimizer: Literal["fo", "zo"] = Field(
-        "fo", description="fo: backprop on the server part; zo: two-point ZO steps on the server part.")
-    lr_client: PosFloat = Field(0.05, description="Client step size (the MU-SplitFed paper's eta_c).")
-    lr_server: PosFloat = Field(0.05, description="Server step size (the MU-SplitFed paper's eta_s).")
-    lr_global: PosFloat = Field(
-        1.0, description="Global step of the aggregation x = x + lr_global * mean_m(x_m - x) (paper's eta_g; 1 = plain average).")
-    momentum: bounded_float(ge=0, lt=1) = Field(0.0, description=  # type: ignore[valid-type]
-       "SGD momentum of first-order steps (client and server).")
-    weight_decay: NonNegFloat = Field(0.0, description="SGD weight decay of first-order steps (client and server).")
-    aggregation: Literal["equal", "data_size"] = Field(
-        "equal", description="Weights of the average of client (and server) parts: equal, or by client data size.")
-    zo: ZOConfig = Field(default_factory=ZOConfig, description="The ZO estimator (used where an optimizer is zo).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for old, new in RENAMED.items():
-                if old in data:
-                    raise KeyedValueError(f"algorithm.{old}", f"renamed to algorithm.{new} (one name for every algorithm)")
-        return data
-
-    @model_validator(mode="after")
-    def _shared_rules(self):
-        if (self.local_steps is None) == (self.local_epochs is None):
-            raise KeyedValueError("algorithm.local_steps",
-                                  "set exactly one of local_steps and local_epochs (the other to null)")
-        if self.client_optimizer == "zo" and self.server_optimizer == "zo":
-            for key in ("momentum", "weight_decay"):
-                if getattr(self, key):
-                    raise KeyedValueError(f"algorithm.{key}", f"applies to first-order steps, and both optimizers "
-                                                              f"are zo (ZO steps keep no buffers); set {key}: 0")
-        return self
-
-    def steps_for(self, batches_per_epoch: int) -> int:
-        """Local iterations of a client with ``batches_per_epoch`` minibatches per pass."""
-        return self.local_steps if self.local_steps is not None else self.local_epochs * batches_per_epoch
-
-
-def refuse(key: str, message: str) -> KeyedValueError:
-    """The error of a shared key an algorithm cannot honour (raise it in a validator)."""
-    return KeyedValueError(f"algorithm.{key}", message)
-
-
-class RoundConfig(TrainConfig):
-    """Round-based algorithms: a fraction of the clients takes part in each round."""
-
-    participation: Fraction = Field(1.0, description="Fraction of clients taking part in each round.")
 
 
 @dataclass

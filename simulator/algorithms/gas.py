@@ -38,19 +38,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
 from simulator import rng, zo
 from simulator.algorithms.common import (
     ClientBatches,
     Params,
     RunContext,
-    TrainConfig,
-    ZOConfig,
     aggregate,
     aggregation_flops,
     batch_tensors,
@@ -62,64 +59,14 @@ from simulator.algorithms.common import (
     leaf,
     num_params,
     params_of,
-    refuse,
     sgd_step,
 )
-from simulator.config import Bool, BufferSize, ClientCount, LocalSteps, NonNegFloat, PosFloat, bounded_float
+from simulator.algorithms.configs import GASConfig  # noqa: F401
 from simulator.errors import ScenarioError
 from simulator.gaussian_stats import ClassGaussian, GaussianStats, top_up_counts
 from simulator.latency import DOWNLINK, UPLINK
 
 log = logging.getLogger(__name__)
-
-
-class GASConfig(TrainConfig):
-    """GAS (Yang & Liu, AAAI 2025). Defaults are the public code's settings for Fashion-MNIST.
-
-    The shared vocabulary (``TrainConfig``) with GAS's meaning: ``local_steps`` is E, the local
-    iterations before a client uploads (``local_epochs``: passes over its data instead);
-    ``lr_global`` steps the model-buffer average; ``server_optimizer: zo`` is refused (the
-    server update is one SGD step on real + generated activations); ``client_optimizer: zo``
-    is MU-SplitFed's GAS variant.
-    """
-
-    name: Literal["gas"]
-    local_steps: Optional[LocalSteps] = Field(20, description="E: local iterations before a client uploads and is replaced (null: use local_epochs).")
-    lr_client: PosFloat = Field(0.01, description="Client learning rate.")
-    lr_server: PosFloat = Field(0.01, description="Server learning rate.")
-    momentum: bounded_float(ge=0, lt=1) = Field(0.9, description=  # type: ignore[valid-type]
-       "SGD momentum of first-order steps (client and server).")
-    weight_decay: NonNegFloat = Field(5e-4, description="SGD weight decay of first-order steps (client and server).")
-    aggregation: Literal["data_size", "equal"] = Field(
-        "data_size", description="Model-buffer average: data_size (paper) or equal (code).")
-    zo: ZOConfig = Field(default_factory=lambda: ZOConfig(direction="sphere"),
-                         description="The ZO estimator of client_optimizer: zo (default direction: sphere, the paper's).")
-    active_clients: ClientCount = Field(10, description="Active clients C (at most data.num_clients).")
-    activation_buffer: Optional[BufferSize] = Field(
-        None, description="Q_s: minibatches per server update (null: active_clients, as the code).")
-    model_buffer: Optional[BufferSize] = Field(
-        None, description="Q_c: client models per global iteration (null: active_clients, as the code).")
-    clip_norm: Optional[PosFloat] = Field(10.0, description="Clip client and server gradients to this norm (null: no clipping).")
-    logit_adjustment: Bool = Field(True, description="Client loss CE(s + log p_k(y), y) with p_k the client's label frequencies.")
-    generate: Bool = Field(True, description="Generate activations (false: the plain asynchronous SFL baseline).")
-    covariance: Literal["full", "diagonal"] = Field(
-        "full", description="Per-class covariance: full (the code for AlexNet) or diagonal (large activations).")
-    stats_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the statistics and factors.")
-    # ---- quirks of the public code (default = the paper's reading) -------------------------
-    client_momentum: Literal["per_client", "shared"] = Field(
-        "per_client", description="Client momentum: per_client (fresh per activation) or shared (code: one buffer for all).")
-    weight_growth: Literal["paper", "code"] = Field(
-        "paper", description="Activation weights: paper s(n) = n (server update index) or the code's counters.")
-    merge_ridge: NonNegFloat = Field(0.0, description="Ridge added to the covariance at every merge (code: 1e-5).")
-    truncate_to_batch: Bool = Field(
-        False, description="When generating, cut classes with more than B real activations to B (code: true).")
-
-    @model_validator(mode="after")
-    def _server_is_first_order(self):
-        if self.server_optimizer == "zo":
-            raise refuse("server_optimizer", "gas's server update is one first-order SGD step on real + generated "
-                                             "activations; ZO server steps are not implemented for gas")
-        return self
 
 
 # --------------------------------------------------------------------------------------------

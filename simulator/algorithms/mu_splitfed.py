@@ -56,18 +56,16 @@ Choices where the paper is silent (also in docs/mu_splitfed.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import simpy
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
 from simulator.algorithms.splitfed import client_backward_step, server_step
 from simulator.algorithms.common import (
     ClientBatches,
     Params,
-    RoundConfig,
     RunContext,
     aggregate,
     aggregation_flops,
@@ -82,58 +80,17 @@ from simulator.algorithms.common import (
     leaf,
     num_params,
     params_of,
-    refuse,
     run_round,
     select_clients,
     sgd_step,
     server_logits,
 )
-from simulator.config import Fraction, LocalSteps, PosFloat, TauSteps
+from simulator.algorithms.configs import MUSplitFedConfig, SplitFedZOConfig, ZOSplitConfig  # noqa: F401
 from simulator.errors import UserError
 from simulator.latency import DOWNLINK, UPLINK
 from simulator.zo import Work, pass_work, perturb_, step_work, zo_seed, zo_step_, zo_update_
 
 SCALAR_BYTES = 4  # a loss difference travels as float32
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration (paper defaults: Table 6 of arXiv 2510.21155, one local iteration per round)
-# --------------------------------------------------------------------------------------------
-class ZOSplitConfig(RoundConfig):
-    """Options shared by mu_splitfed and splitfed_zo (defaults: the paper's Table 6, as written)."""
-
-    participation: Fraction = Field(0.5, description="Fraction of clients taking part in each round (paper: 5 of 10).")
-    local_steps: Union[LocalSteps, None] = Field(
-        1, description="Local iterations per client per round (paper's Algorithm 1 as written: 1); null: use local_epochs.")
-    client_optimizer: Literal["fo", "zo"] = Field(
-        "zo", description="zo: the paper's ZO client (2P perturbed activations); fo: backprop of dL/dh from the updated server copy.")
-    server_optimizer: Literal["fo", "zo"] = Field(
-        "zo", description="Server local steps: zeroth-order (the paper) or first-order SGD (backprop on the server part).")
-    lr_client: PosFloat = Field(0.005, description="Client step size (paper: eta_c = 0.005).")
-    lr_server: PosFloat = Field(0.01, description="Server step size of each of the tau local steps (paper: eta_s = 0.01).")
-    lr_global: PosFloat = Field(0.3, description="Global step x = x + lr_global * mean_m(x_m - x), both sides (paper: eta_g = 0.3).")
-
-
-class MUSplitFedConfig(ZOSplitConfig):
-    """MU-SplitFed: tau unbalanced server steps per client and local iteration."""
-
-    name: Literal["mu_splitfed"]
-    tau: Union[TauSteps, Literal["adaptive"]] = Field(
-        2, description="Server local steps per client and local iteration, or 'adaptive' (step until the perturbed activations arrive).")
-    tau_max: TauSteps = Field(8, description="Most server steps per local iteration with tau: adaptive (ignored otherwise).")
-
-    @model_validator(mode="after")
-    def _adaptive_needs_zo_client(self):
-        if self.tau == "adaptive" and self.client_optimizer == "fo":
-            raise refuse("tau", "adaptive steps until the client's perturbed activations arrive, and a "
-                                "first-order client sends none; use a fixed tau or client_optimizer: zo")
-        return self
-
-
-class SplitFedZOConfig(ZOSplitConfig):
-    """The paper's vanilla SplitFed: MU-SplitFed with tau = 1."""
-
-    name: Literal["splitfed_zo"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,41 +21,16 @@ needs dL/dh, which a ZO server does not compute.
 Choices where the sources are silent (documented in docs/algorithms.md): client and V1
 server optimizer state (momentum) restarts each round, since the local copies restart from the
 global model; the server step's FLOPs include the loss and dL/dh. The exchange itself lives in
-``simulator.algorithms.mu_splitfed.SplitRounds``; this module holds the configs, the
-first-order step functions and the builders.
+``simulator.algorithms.mu_splitfed.SplitRounds``; this module holds the first-order step
+functions and the builders (its configs are in ``simulator.algorithms.configs``, re-exported here).
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 
-from simulator.algorithms.common import Params, RoundConfig, RunContext, leaf, refuse, server_logits, sgd_step
-
-
-class SplitFedConfig(RoundConfig):
-    """SplitFed (shared by V1 and V2): first-order by default, ZO clients through client_optimizer."""
-
-    @model_validator(mode="after")
-    def _zo_server_needs_zo_client(self):
-        if self.server_optimizer == "zo" and self.client_optimizer == "fo":
-            raise refuse("server_optimizer", "a zo server computes no dL/dh for a first-order client; "
-                                             "use client_optimizer: zo, or server_optimizer: fo")
-        return self
-
-
-class SplitFedV1Config(SplitFedConfig):
-    """SplitFed V1: a server copy per client, averaged each round."""
-
-    name: Literal["splitfed_v1"]
-
-
-class SplitFedV2Config(SplitFedConfig):
-    """SplitFed V2: one shared server model, updated in arrival order."""
-
-    name: Literal["splitfed_v2"]
+from simulator.algorithms.common import Params, RunContext, leaf, server_logits, sgd_step
+from simulator.algorithms.configs import SplitFedConfig, SplitFedV1Config, SplitFedV2Config  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Callable, ClassVar, Hashable, Optional
 
 import numpy as np
-import torch
 
 from simulator.data import formats
 from simulator.data.formats import Arrays, DatasetFormatError
 from simulator.data.locate import PathLike, find_folder
 from simulator.data.partitions import check_limit, stratified_subset
+from simulator.lazy import lazy_module
 from simulator.rng import generator
+
+torch = lazy_module("torch")  # imported on first use: sflsim validate reads this module without torch
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,11 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
+from simulator.lazy import lazy_module
 from simulator.rng import generator
+
+torch = lazy_module("torch")  # imported on first use: sflsim validate reads this module without torch
 
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet", "shards")
 # Dirichlet partitions are re-drawn until every client has min_size samples, at most this often.

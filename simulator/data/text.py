@@ -30,13 +30,15 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
-import torch
 
 # Shared with the image datasets: one search order, one not-found message, one limit check.
 from simulator.data.locate import ENV_VAR, PathLike, debian_dir, not_found, search_roots
 from simulator.data.partitions import check_limit, stratified_subset
 from simulator.errors import UserError
+from simulator.lazy import lazy_module
 from simulator.rng import generator
+
+torch = lazy_module("torch")  # imported on first use: sflsim validate reads this module without torch
 
 logger = logging.getLogger(__name__)
 

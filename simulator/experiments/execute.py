@@ -33,6 +33,9 @@ from simulator.experiments.plan import Plan, RunSpec
 
 log = logging.getLogger(__name__)
 
+#: The module every local Dask worker imports when it starts (torch, the runner, the algorithms).
+WORKER_PRELOAD = "simulator.experiments.worker"
+
 
 # --------------------------------------------------------------------------------------------
 # One run, on a worker (or in this process)
@@ -238,8 +241,11 @@ def _run_on_dask(todo, runs_dir, out, specs, outcomes, bar, n_workers, scheduler
         else:
             # The scheduler always serves HTTP (metrics); a free local port avoids clashing with
             # another cluster on 8787.
+            # Each worker imports torch and the simulator once, as it starts, then runs run after
+            # run (simulator/experiments/worker.py): no run pays the imports.
             cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                   dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
+                                   dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                                   preload=[WORKER_PRELOAD])
             client = Client(cluster)
         with client:
             futures = {client.submit(execute_run, s, str(runs_dir), sources.get(s.run_id), pure=False,
