@@ -284,6 +284,8 @@ def final_rows(df: pd.DataFrame, only_subset_runs: bool = False) -> pd.DataFrame
     runs that trained on a subset (elsewhere the final row is the curve's last point)."""
     cols = run_columns(df)
     rows = []
+    if only_subset_runs and "eval_set" not in df.columns:
+        df = df.iloc[:0]
     for _, g in _group(df, cols):
         g = g.sort_values("sim_time_s", kind="stable")
         if "eval_set" in g.columns:
