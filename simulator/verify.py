@@ -368,7 +368,7 @@ def _check_eval_marks(m: pd.DataFrame, summary: Optional[dict]) -> list[str]:
     out += [f"row {i + 1}: eval_set is {sets[i]!r}, expected subset or full" for i in bad[:5]]
     n = pd.to_numeric(m["eval_samples"], errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~(np.isfinite(n) & (n >= 1) & (n == np.round(n))))
-    out += [f"row {i + 1}: eval_samples is {m['eval_samples'].iloc[i]!r}, expected a positive integer" for i in bad[:5]]
+    out += [f"row {i + 1}: eval_samples is {m['eval_samples'].iloc[i]}, expected a positive integer" for i in bad[:5]]
     if out:
         return out
     counts = {}
