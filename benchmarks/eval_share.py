@@ -68,7 +68,7 @@ BEFORE = {
     "sweep_tau_cut.yaml": {**_OLD, "eval.every_rounds": 2},
     "allzo_cnn.yaml": {**_OLD, "eval.every_rounds": 10},
     "hybrid_alexnet.yaml": {**_OLD, "eval.every_rounds": 5},
-    "tau_hybrid_cnn.yaml": {**_OLD, "eval.every_rounds": 10},
+    "tau_hybrid_cnn.yaml": {**_OLD, "eval.every_rounds": 2},
 }
 
 
