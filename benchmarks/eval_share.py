@@ -58,7 +58,7 @@ BEFORE = {
     "gas_fmnist.yaml": {**_OLD, "eval.every_rounds": 10, "data.test_limit": None},
     "minilm_tweets.yaml": {**_OLD, "eval.every_rounds": 4},
     "mu_splitfed_fmnist.yaml": {**_OLD, "eval.every_rounds": 5, "data.test_limit": None},
-    "opt_tiny_smoke.yaml": {**_OLD, "eval.every_rounds": 1},
+    "opt_tiny_smoke.yaml": {**_OLD, "eval.every_rounds": 1, "data.test_limit": 500},
     "straggler_scaling.yaml": {**_OLD, "eval.every_rounds": 5},
     "steps_gas.yaml": {**_OLD, "eval.every_rounds": 5},
     "steps_mu_allzo.yaml": {**_OLD, "eval.every_rounds": 5},

@@ -1,7 +1,9 @@
 """Run one scenario: build data, model, time model and algorithm, run the event loop, write outputs.
 
 ``run_scenario`` is the API for notebooks and the CLI alike. It owns evaluation (free in
-simulated time), the stop rules and the output files; the algorithm owns its control flow.
+simulated time: during training on a fixed, stratified, keyed subset of the test set, at the
+end on the full test set; ``eval_subset``, ``_Controller``), the stop rules and the output
+files; the algorithm owns its control flow.
 Outputs in ``out_dir``: scenario.yaml (resolved), metrics.csv, events.csv, summary.json,
 accuracy_vs_time.png, and any per-round tables the algorithm records. A KeyboardInterrupt
 stops the loop; what was recorded is flushed and the summary says ``"status": "interrupted"``.
