@@ -57,7 +57,7 @@ BEFORE = {
     "quickstart.yaml": {**_OLD, "eval.every_sim_s": 5, "eval.every_rounds": None},
     "gas_fmnist.yaml": {**_OLD, "eval.every_rounds": 10, "data.test_limit": None},
     "minilm_tweets.yaml": {**_OLD, "eval.every_rounds": 4},
-    "mu_splitfed_fmnist.yaml": {**_OLD, "eval.every_rounds": 5, "data.test_limit": None},
+    "mu_splitfed_fmnist.yaml": {**_OLD, "eval.every_rounds": 5, "data.test_limit": None},  # test_limit 2000 now
     "opt_tiny_smoke.yaml": {**_OLD, "eval.every_rounds": 1, "data.test_limit": 500},
     "straggler_scaling.yaml": {**_OLD, "eval.every_rounds": 5},
     "steps_gas.yaml": {**_OLD, "eval.every_rounds": 5},
@@ -165,7 +165,7 @@ def projected(raw: dict, m: dict) -> dict:
     return {"rounds": rounds, "evals": n, "eval_host_s": e, "share": e / (m["setup_s"] + rounds * m["round_s"] + e)}
 
 
-def bench_runs(paths: list[Path], rounds: int, repeats: int) -> list[dict]:
+def bench_runs(paths: list[Path], rounds: int, repeats: int, after_only: bool = False) -> list[dict]:
     rows = []
     for path in paths:
         before = BEFORE.get(path.name)
@@ -176,11 +176,12 @@ def bench_runs(paths: list[Path], rounds: int, repeats: int) -> list[dict]:
             got: dict[str, list[dict]] = {"before": [], "after": []}
             for i in range(repeats):
                 order = ("before", "after") if i % 2 == 0 else ("after", "before")
-                for which in order:
+                for which in (("after",) if after_only else order):
                     m = timed_run(short(configs[which], rounds))
                     m.update(projected(configs[which], m))
                     got[which].append(m)
-            b, a = (_median(got["before"]), _median(got["after"]))
+            a = _median(got["after"])
+            b = _median(got["before"]) if got["before"] else None
             rows.append({"file": path.name, "run": label, "before": b, "after": a})
             print(_line(rows[-1]), flush=True)
     return rows
@@ -199,7 +200,8 @@ HEADER = (f"{'file':<24} {'run':<20} {'rounds':>6} {'evals b/a':>10} {'samples b
 
 
 def _line(r: dict) -> str:
-    b, a = r["before"], r["after"]
+    a = r["after"]
+    b = r["before"] or {"eval_samples": "-", "evals": "-", "eval_s": math.nan, "share": math.nan}
     samples = f"{b['eval_samples']}/{a['eval_samples']}" + ("+1x" + str(a["test_samples"]) if a["subset"] else "")
     return (f"{r['file']:<24} {r['run']:<20} {a['rounds']:>6.0f} {b['evals']:>4}/{a['evals']:<5} {samples:>15} "
             f"{a['round_s']:>8.2f} {b['eval_s']:>5.2f}/{a['eval_s']:<5.2f} {a['final_s']:>7.2f} {100 * b['share']:>16.1f}% {100 * a['share']:>6.1f}% {a['share'] / b['share']:>12.2f} "
@@ -233,15 +235,17 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="file names (or stems) to run, e.g. quickstart")
     ap.add_argument("--quickstart", action="store_true", help="also time `sflsim compare scenarios/quickstart.yaml`")
     ap.add_argument("--no-runs", action="store_true", help="skip the per-scenario table")
+    ap.add_argument("--after-only", action="store_true", help="only the shipped settings (no 'before' runs: "
+                                                                "saves the full-test-set evaluations of the old ones)")
     args = ap.parse_args()
     paths = [p for p in SHIPPED if args.only is None or p.name in args.only or p.stem in args.only]
     if not args.no_runs:
         print(HEADER)
-        rows = bench_runs(paths, args.rounds, args.repeats)
+        rows = bench_runs(paths, args.rounds, args.repeats, args.after_only)
         worst = max(rows, key=lambda r: r["after"]["share"])
         print(f"largest projected evaluation share after: {100 * worst['after']['share']:.1f}% "
               f"({worst['file']} {worst['run']}); before it was up to "
-              f"{100 * max(r['before']['share'] for r in rows):.1f}%")
+              f"{100 * max((r['before'] or {'share': math.nan})['share'] for r in rows):.1f}%")
     if args.quickstart:
         bench_quickstart(args.repeats)
 
