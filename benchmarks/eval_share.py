@@ -65,7 +65,7 @@ BEFORE = {
     "steps_mu_hybrid.yaml": {**_OLD, "eval.every_rounds": 5},
     "steps_splitfed_v1.yaml": {**_OLD, "eval.every_rounds": 5},
     "steps_splitfed_zo.yaml": {**_OLD, "eval.every_rounds": 5},
-    "sweep_tau_cut.yaml": {**_OLD, "eval.every_rounds": 2},
+    "sweep_tau_cut.yaml": {**_OLD, "eval.every_rounds": 2, "data.test_limit": 2000},
     "allzo_cnn.yaml": {**_OLD, "eval.every_rounds": 10},
     "hybrid_alexnet.yaml": {**_OLD, "eval.every_rounds": 5},
     "tau_hybrid_cnn.yaml": {**_OLD, "eval.every_rounds": 2},
