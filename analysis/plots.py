@@ -16,7 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from analysis.traces import add_labels, group_columns, mean_curve
+from analysis.traces import curve_of_run, add_labels, final_rows, group_columns, mean_curve
+
+FINAL_MARKER = dict(marker="D", ms=7, mec="black", mew=0.8, ls="none")  # the full-test-set point at a run's end
+FINAL_LABEL = "end of run, full test set"
 
 # Colours of the timeline, one per activity (Okabe-Ito, readable by colour-blind readers).
 ACTIVITY_COLORS = {
@@ -40,13 +43,34 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
 
 
 def plot_accuracy_vs_time(ax: Axes, metrics: pd.DataFrame, label: Optional[str] = None, **kw) -> Axes:
-    """Test accuracy (%) against simulated wall-clock time from one run's metrics."""
-    df = metrics.sort_values("sim_time_s")
-    ax.plot(df["sim_time_s"], 100 * df["test_accuracy"], marker=kw.pop("marker", "."), label=label, **kw)
+    """Test accuracy (%) against simulated wall-clock time from one run's metrics.
+
+    The line is the training-time evaluations (the subset, ``eval_set``); when the run trained
+    on a subset, its full-test-set evaluation at the end is a separate diamond."""
+    df = metrics.sort_values("sim_time_s", kind="stable")
+    curve = curve_of_run(df)
+    n = _samples(curve)
+    line_label = label if n is None or label is None else f"{label} ({n:,}-sample subset)"
+    (line,) = ax.plot(curve["sim_time_s"], 100 * curve["test_accuracy"], marker=kw.pop("marker", "."),
+                      label=line_label, **kw)
+    if "eval_set" in df.columns and (df["eval_set"] == "subset").any():
+        full = df[df["eval_set"] == "full"]
+        if len(full):
+            m = _samples(full)
+            ax.plot(full["sim_time_s"], 100 * full["test_accuracy"], color=line.get_color(), **FINAL_MARKER,
+                    label=FINAL_LABEL + (f" ({m:,})" if m is not None else ""))
     ax.set_xlabel("simulated wall-clock time (s)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, alpha=0.3)
     return ax
+
+
+def _samples(rows: pd.DataFrame) -> Optional[int]:
+    """The one number of test samples of these rows, else None (unknown or mixed)."""
+    if "eval_samples" not in rows.columns:
+        return None
+    v = pd.to_numeric(rows["eval_samples"], errors="coerce").dropna().unique()
+    return int(v[0]) if len(v) == 1 else None
 
 
 def plot_mean_accuracy(ax: Axes, runs: pd.DataFrame, x: str = "sim_time_s", by: Optional[Sequence[str]] = None,
@@ -59,7 +83,9 @@ def plot_mean_accuracy(ax: Axes, runs: pd.DataFrame, x: str = "sim_time_s", by: 
     and dashed where some have ended (their last value is held). One line per group
     (algorithm/variant/grid point, or ``by``). ``band``: ``"ci"`` (95% CI of the mean,
     Student t, clipped to [0, 100]%), ``"range"`` (min to max over seeds) or None; a band needs
-    at least two seeds.
+    at least two seeds. Curves are the training-time evaluations (``analysis.traces.curve_rows``);
+    for runs that trained on a subset of the test set, a diamond per group marks the mean over
+    seeds of the full-test-set accuracy at the runs' end (at the mean of their ends).
     """
     if band not in ("ci", "range", None):
         raise ValueError(f"band must be 'ci', 'range' or None, got {band!r}")
@@ -70,8 +96,10 @@ def plot_mean_accuracy(ax: Axes, runs: pd.DataFrame, x: str = "sim_time_s", by: 
         grid = np.unique(np.concatenate([np.linspace(0.0, hi, points), runs[x].to_numpy(float)]))
     curves = mean_curve(runs, x=x, grid=grid, by=by)
     labelled = add_labels(curves, by) if by else curves.assign(label="all runs")
+    colors = {}
     for i, (label, g) in enumerate(labelled.groupby("label", sort=False)):
         color = f"C{i % 10}"
+        colors[tuple(g.iloc[0][c] for c in by)] = color
         xs, mean = g[x].to_numpy(float), 100 * g["mean"].to_numpy(float)
         full = (g["n_active"] == g["n"]).to_numpy()
         last_full = int(np.nonzero(full)[0].max()) if full.any() else 0
@@ -82,6 +110,7 @@ def plot_mean_accuracy(ax: Axes, runs: pd.DataFrame, x: str = "sim_time_s", by: 
             lo, hi = ("low", "high") if band == "ci" else ("min", "max")
             ax.fill_between(xs, np.clip(100 * g[lo].to_numpy(float), 0, 100),
                             np.clip(100 * g[hi].to_numpy(float), 0, 100), color=color, alpha=0.18, lw=0)
+    _plot_final_points(ax, runs, x, by, colors)
     for t in targets:
         ax.axhline(100 * t, color="0.4", ls=":", lw=1)
     ax.set_xlabel("simulated wall-clock time (s)" if x == "sim_time_s" else ("rounds" if x == "round" else x))
@@ -90,6 +119,29 @@ def plot_mean_accuracy(ax: Axes, runs: pd.DataFrame, x: str = "sim_time_s", by: 
     if legend and len(ax.get_legend_handles_labels()[0]):
         ax.legend(loc="best", fontsize="small")
     return ax
+
+
+def _plot_final_points(ax: Axes, runs: pd.DataFrame, x: str, by: Sequence[str], colors: dict) -> None:
+    """Per group, the mean full-test-set accuracy at the end of its runs that trained on a subset."""
+    final = final_rows(runs, only_subset_runs=True)
+    if final.empty:
+        return
+    groups = final.groupby(list(by), sort=False, dropna=False) if by else [((), final)]
+    first = True
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        color = next((c for k, c in colors.items() if _same_key(k, key)), None)
+        if color is None:
+            continue
+        n = _samples(g)
+        ax.plot([float(pd.to_numeric(g[x]).mean())], [100 * float(g["test_accuracy"].mean())], color=color,
+                **FINAL_MARKER, label=(FINAL_LABEL + (f" ({n:,})" if n is not None else "")) if first else None)
+        first = False
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all((pd.isna(u) and pd.isna(v)) if (pd.isna(u) or pd.isna(v)) else u == v
+                                    for u, v in zip(a, b))
 
 
 def plot_mean_accuracy_vs_time(ax: Axes, runs: pd.DataFrame, **kw) -> Axes:

@@ -220,7 +220,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
           + f". Baseline for speed-ups and paired differences: `{base_label}`.")
     doc.table(fsum, "Per row: mean ± 95% CI half-width over seeds (Student t). Time and rounds to a target are "
                     "averaged over the seeds that reached it; (k/n) says how many did. Speed-up = baseline's "
-                    "mean time to target / the row's.")
+                    "mean time to target / the row's. " + _eval_note(runs))
     if len(diverged):
         doc.p(f"Excluded from means and CIs: {len(diverged)} diverged run(s) ("
               + ", ".join(f"`{r}`" for r in diverged["run_id"]) + "); the column `diverged` counts them per row "
@@ -241,13 +241,14 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     doc.img(fig_dir / "accuracy_vs_time.png", "figures/accuracy_vs_time.png",
             f"Test accuracy vs simulated wall-clock time: mean over seeds with {band_text}. Each seed is "
             "interpolated linearly between evaluations; a run that ended earlier holds its last value (dashed "
-            "part: some seeds have ended). Dotted: the targets.")
+            "part: some seeds have ended). Dotted: the targets. " + _eval_note(runs, figure=True))
     fig, ax = plots.new_figure(7.5, 4.5)
     plots.plot_accuracy_vs_rounds(ax, runs, targets=chosen, band=band)
     ax.set_title("test accuracy vs rounds (mean over seeds)")
     _save(fig, fig_dir / "accuracy_vs_rounds.png")
     doc.img(fig_dir / "accuracy_vs_rounds.png", "figures/accuracy_vs_rounds.png",
-            f"Test accuracy vs rounds (global iterations) at the evaluated rounds, mean over seeds with {band_text}.")
+            f"Test accuracy vs rounds (global iterations) at the evaluated rounds, mean over seeds with {band_text}. "
+            + _eval_note(runs, figure=True))
 
     _heatmaps(doc, summary, by, chosen, fig_dir)
     _timelines(doc, runs, by, fig_dir)
@@ -263,6 +264,11 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
           "means)"] if len(diverged) else []))
     doc.h(2, "Method")
     doc.ul([
+        "Which evaluations: during training each run evaluates on a fixed, class-stratified subset of the test "
+        "set (`eval.subset`, drawn from the seed alone, so every algorithm with the same seed sees the same "
+        "samples); at its end, once on the full test set. Curves, time and rounds to target, best accuracy "
+        "and `stop.target_accuracy` use the training-time evaluations; final accuracy is the full-set one "
+        "(metrics.csv column `eval_set`). Evaluation takes no simulated time.",
         "Time to target: simulated time of the first evaluation whose test accuracy is at least the target "
         "(resolution: the evaluation schedule). Rounds to target: the round count at that evaluation.",
         "Means and 95% confidence intervals are over seeds, with Student's t (n − 1 degrees of freedom); no "
@@ -276,6 +282,21 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     md.write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
     return md
+
+
+def _eval_note(runs: pd.DataFrame, figure: bool = False) -> str:
+    """One sentence on which test samples the numbers come from (``eval_set``/``eval_samples``)."""
+    if "eval_set" not in runs.columns or not (runs["eval_set"] == "subset").any():
+        return "Every evaluation is on the full test set."
+    def sizes(rows: pd.DataFrame) -> str:
+        v = sorted(int(n) for n in pd.to_numeric(rows["eval_samples"], errors="coerce").dropna().unique())
+        return " or ".join(f"{n:,}" for n in v) or "?"
+    sub, full = runs[runs["eval_set"] == "subset"], runs[runs["eval_set"] == "full"]
+    if figure:
+        return (f"Curves: the training-time evaluations on a fixed subset of {sizes(sub)} test samples; diamonds: "
+                f"the mean full-test-set accuracy ({sizes(full)} samples) at the runs' end.")
+    return (f"Final accuracy: the full test set ({sizes(full)} samples) at each run's end; best accuracy and "
+            f"times to target: the training-time evaluations on a fixed subset of {sizes(sub)} test samples.")
 
 
 def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, scen: dict,

@@ -25,8 +25,10 @@ from analysis.traces import (
     time_to_target,
 )
 
-BASE_METRICS = ("final_accuracy", "best_accuracy", "sim_time_s", "rounds", "bytes_up", "bytes_down",
-                "server_busy_fraction")
+# final_accuracy: the full test set at each run's end; final_subset_accuracy and best_accuracy:
+# the training-time evaluations (the subset), which time and rounds to target are read from too.
+BASE_METRICS = ("final_accuracy", "final_subset_accuracy", "best_accuracy", "sim_time_s", "rounds", "bytes_up",
+                "bytes_down", "server_busy_fraction")
 
 
 def target_name(target: float) -> str:
@@ -44,8 +46,9 @@ def target_metrics(targets: Sequence[float]) -> list[str]:
 
 def per_run_table(runs: pd.DataFrame, targets: Sequence[float] = (),
                   summaries: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """One row per run: final/best accuracy, time, rounds, bytes, server busy fraction (from
-    ``summaries`` when given) and, per target, time and rounds to reach it (NaN: never)."""
+    """One row per run: final accuracy (full test set), last and best training-time accuracy,
+    time, rounds, bytes, server busy fraction and evaluation host seconds (from ``summaries``
+    when given) and, per target, time and rounds to reach it (training-time rows; NaN: never)."""
     cols = run_columns(runs)
     table = final_values(runs)
     for t in targets:
@@ -56,7 +59,8 @@ def per_run_table(runs: pd.DataFrame, targets: Sequence[float] = (),
                             how="left")
     if summaries is not None and len(summaries):
         key = "run_dir" if "run_dir" in table.columns and "run_dir" in summaries.columns else "run_id"
-        extra = [c for c in ("server_busy_fraction", "server_busy_s", "host_runtime_s") if c in summaries.columns]
+        extra = [c for c in ("server_busy_fraction", "server_busy_s", "host_runtime_s", "eval_host_s")
+                 if c in summaries.columns]
         table = table.merge(summaries[[key, *extra]], on=key, how="left")
     table.attrs["params"] = param_columns(runs)
     return table

@@ -10,6 +10,12 @@ Conventions, used by tables and figures alike:
 - A run is identified by its identity columns (scenario, algorithm, variant, seed, run_id,
   run_dir and the grid keys, where present); a *group* is the same without seed/run_id/run_dir,
   so the seeds of one algorithm/variant/grid point form one group.
+- Which evaluations count (``eval_set`` in metrics.csv): a run evaluates during training on a
+  fixed subset of the test set (rows ``subset``) and once on the full test set at its end (a
+  ``full`` row at the same sim_time_s); with ``eval.subset: null`` every row is ``full``. The
+  *curve* of a run is its training-time rows (``curve_rows``): time and rounds to target, best
+  accuracy and every curve are read from them. The final accuracy is the last ``full`` row
+  (``final_rows``). A metrics.csv without the column (older runs) is all ``full``.
 - Time to target is the simulated time of the first evaluation whose test accuracy is >= the
   target; it has the resolution of the evaluation schedule. NaN when never reached.
 - Curves over seeds are interpolated linearly between evaluations onto a common grid; after a
@@ -31,12 +37,14 @@ import pandas as pd
 from simulator import rundir
 from simulator.errors import UserError
 
-METRIC_COLUMNS = ("sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down")
+METRIC_COLUMNS = ("sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "eval_set",
+                  "eval_samples")
 LABEL_COLUMNS = ("scenario", "algorithm", "variant", "seed", "run_id", "run_dir")
 RUN_ONLY = ("seed", "run_id", "run_dir")  # identity columns that differ between the seeds of a group
 DERIVED_PREFIXES = ("time_to_", "rounds_to_", "reached_", "speedup_")  # per-target columns of tables
-SUMMARY_FIELDS = ("status", "stop_reason", "final_accuracy", "best_accuracy", "sim_time_s", "rounds",
-                  "bytes_up", "bytes_down", "server_busy_s", "server_busy_fraction", "host_runtime_s", "threads")
+SUMMARY_FIELDS = ("status", "stop_reason", "final_accuracy", "final_subset_accuracy", "best_accuracy", "sim_time_s",
+                  "rounds", "bytes_up", "bytes_down", "server_busy_s", "server_busy_fraction", "host_runtime_s",
+                  "eval_host_s", "eval_subset_samples", "eval_test_samples", "threads")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +129,8 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One row per evaluation of every run under ``paths`` (run or batch folders).
 
     Columns: scenario, algorithm, variant, seed, run_id, run_dir, the grid keys of a sweep,
-    then sim_time_s, round, test_accuracy, test_loss, bytes_up, bytes_down.
+    then sim_time_s, round, test_accuracy, test_loss, bytes_up, bytes_down, eval_set (``subset``
+    or ``full``), eval_samples (empty for a run written before the column existed: all ``full``).
     """
     dirs = find_runs(paths)
     if not dirs:
@@ -132,12 +141,24 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     params = _param_order(labels)
     frames = []
     for d, lab in zip(dirs, labels):
-        m = pd.read_csv(d / rundir.METRICS)
-        frames.append(_with_labels(m, lab))
+        frames.append(_with_labels(_read_metrics(d), lab))
     df = pd.concat(frames, ignore_index=True)
     df = df[[*LABEL_COLUMNS, *params, *[c for c in df.columns if c not in LABEL_COLUMNS and c not in params]]]
     df.attrs["params"] = params
     return df
+
+
+def _read_metrics(run_dir: Path) -> pd.DataFrame:
+    """metrics.csv of one run; one written before ``eval_set`` existed evaluated the full set every time."""
+    m = pd.read_csv(run_dir / rundir.METRICS)
+    if "eval_set" not in m.columns:
+        m["eval_set"] = "full"
+    if "eval_samples" not in m.columns:
+        m["eval_samples"] = pd.array([pd.NA] * len(m), dtype="Int64")
+    bad = sorted(set(m["eval_set"].astype(str)) - {"subset", "full"})
+    if bad:
+        raise UserError(f"{run_dir / rundir.METRICS}: eval_set has {', '.join(map(repr, bad))}; expected subset or full")
+    return m
 
 
 def load_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
@@ -234,6 +255,51 @@ def _key_dict(cols: Sequence[str], key) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Which evaluations: the training-time curve and the final full-set row
+# --------------------------------------------------------------------------------------------
+def curve_of_run(run: pd.DataFrame) -> pd.DataFrame:
+    """The training-time rows of one run: its ``subset`` rows when it has any, else every row."""
+    if "eval_set" not in run.columns:
+        return run
+    sub = run["eval_set"] == "subset"
+    return run[sub] if sub.any() else run
+
+
+def curve_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The training-time evaluations of every run (what curves, time to target and best accuracy
+    read): a run's ``subset`` rows when it has any, else all its rows (full set every time)."""
+    if "eval_set" not in df.columns or not len(df):
+        return df
+    cols = run_columns(df)
+    sub = df["eval_set"] == "subset"
+    has = sub.groupby([df[c] for c in cols], dropna=False, sort=False).transform("any") if cols else sub.any()
+    out = df[sub | ~has]
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def final_rows(df: pd.DataFrame, only_subset_runs: bool = False) -> pd.DataFrame:
+    """Per run, its last evaluation on the full test set (the one at its end); runs without one
+    (diverged or interrupted while training on a subset) have no row. ``only_subset_runs``: only
+    runs that trained on a subset (elsewhere the final row is the curve's last point)."""
+    cols = run_columns(df)
+    rows = []
+    if only_subset_runs and "eval_set" not in df.columns:
+        df = df.iloc[:0]
+    for _, g in _group(df, cols):
+        g = g.sort_values("sim_time_s", kind="stable")
+        if "eval_set" in g.columns:
+            if only_subset_runs and not (g["eval_set"] == "subset").any():
+                continue
+            g = g[g["eval_set"] == "full"]
+        if len(g):
+            rows.append(g.iloc[-1])
+    out = pd.DataFrame(rows, columns=df.columns).reset_index(drop=True)
+    out.attrs = dict(df.attrs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Per-run numbers
 # --------------------------------------------------------------------------------------------
 def _first_reaching(df: pd.DataFrame, target: float, column: str, name: str) -> pd.DataFrame:
@@ -242,7 +308,7 @@ def _first_reaching(df: pd.DataFrame, target: float, column: str, name: str) -> 
         raise ValueError("the frame has no column that identifies a run (run_id, seed, algorithm, ...)")
     rows = []
     for key, g in _group(df, cols):
-        g = g.sort_values(["sim_time_s"], kind="stable")
+        g = curve_of_run(g.sort_values(["sim_time_s"], kind="stable"))
         hit = g[g["test_accuracy"] >= target]
         value = float(hit[column].iloc[0]) if len(hit) else math.nan
         rows.append({**_key_dict(cols, key), name: value, "reached": bool(len(hit))})
@@ -252,27 +318,38 @@ def _first_reaching(df: pd.DataFrame, target: float, column: str, name: str) -> 
 
 
 def time_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Per run: simulated time of the first evaluation with test accuracy >= target (NaN: never)."""
+    """Per run: simulated time of the first training-time evaluation with test accuracy >= target
+    (NaN: never)."""
     return _first_reaching(df, target, "sim_time_s", "time_to_target")
 
 
 def rounds_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Per run: the round count at the first evaluation with test accuracy >= target (NaN: never)."""
+    """Per run: the round count at the first training-time evaluation with test accuracy >= target
+    (NaN: never)."""
     return _first_reaching(df, target, "round", "rounds_to_target")
 
 
 def final_values(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: the last evaluation (final accuracy, time, rounds, bytes) and the best accuracy."""
+    """Per run: final accuracy and loss (the last full-test-set evaluation; NaN without one),
+    the last training-time accuracy (``final_subset_accuracy``, NaN when training evaluated the
+    full set), the best training-time accuracy, and the time, rounds and bytes at its end."""
     cols = run_columns(df)
     rows = []
     for key, g in _group(df, cols):
         g = g.sort_values("sim_time_s", kind="stable")
-        last = g.iloc[-1]
-        row = {**_key_dict(cols, key), "final_accuracy": float(last["test_accuracy"]),
-               "best_accuracy": float(g["test_accuracy"].max()), "sim_time_s": float(last["sim_time_s"])}
-        for c in ("round", "bytes_up", "bytes_down", "test_loss"):
+        last, curve = g.iloc[-1], curve_of_run(g)
+        full = g[g["eval_set"] == "full"] if "eval_set" in g.columns else g
+        subset = "eval_set" in g.columns and bool((g["eval_set"] == "subset").any())
+        final = full.iloc[-1] if len(full) else None
+        row = {**_key_dict(cols, key),
+               "final_accuracy": float(final["test_accuracy"]) if final is not None else math.nan,
+               "final_subset_accuracy": float(curve["test_accuracy"].iloc[-1]) if subset else math.nan,
+               "best_accuracy": float(curve["test_accuracy"].max()), "sim_time_s": float(last["sim_time_s"])}
+        for c in ("round", "bytes_up", "bytes_down"):
             if c in g.columns:
-                row["rounds" if c == "round" else ("final_loss" if c == "test_loss" else c)] = last[c]
+                row["rounds" if c == "round" else c] = last[c]
+        if "test_loss" in g.columns:
+            row["final_loss"] = float(final["test_loss"]) if final is not None else math.nan
         rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs["params"] = param_columns(df)
@@ -303,14 +380,16 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> tuple[float, float,
 def _run_curves(df: pd.DataFrame, x: str, y: str, cols: Sequence[str]):
     """(identity, x values, y values) of each run, sorted by x, rows with NaN left out."""
     for key, g in _group(df, cols):
-        g = g.dropna(subset=[x, y]).sort_values([x, "sim_time_s"] if x != "sim_time_s" else x, kind="stable")
+        g = curve_of_run(g).dropna(subset=[x, y]).sort_values([x, "sim_time_s"] if x != "sim_time_s" else x,
+                                                          kind="stable")
         if not g.empty:
             yield _key_dict(cols, key), g[x].to_numpy(float), g[y].to_numpy(float)
 
 
 def interpolate_runs(df: pd.DataFrame, grid: Sequence[float], x: str = "sim_time_s",
                      y: str = "test_accuracy") -> pd.DataFrame:
-    """Each run's ``y`` interpolated linearly onto ``grid`` (values of ``x``).
+    """Each run's ``y`` interpolated linearly onto ``grid`` (values of ``x``), from its
+    training-time evaluations (``curve_rows``).
 
     After a run's last evaluation its last value is held (``active`` is False there), before its
     first one its first value. One row per run and grid point.

@@ -5,7 +5,8 @@ touches the disk. ``preflight(scenario)`` checks what the scenario needs from th
 from its data, without loading a tensor: the dataset's files (in ``data.root`` when it is set,
 and only there), the Python packages that ship bundled datasets and text models, a text
 model's local files, the trace CSV (parsed in full), the device, whether the model fits the
-dataset's samples, and sizes bounded by the training set (clients, shards, batch). It also
+dataset's samples, sizes bounded by the training set (clients, shards, batch) and the
+evaluation subset bounded by the test set (``eval.subset``). It also
 draws the time model (device speeds, bandwidths: cheap) so a distribution that can draw an
 unusable speed fails here, not mid-run.
 
@@ -29,6 +30,7 @@ def preflight(scenario: Scenario) -> None:
     _check_device(scenario)
     _check_data(scenario)
     _check_sizes(scenario)
+    _check_eval(scenario)
     _check_model(scenario)
     _check_time(scenario)
 
@@ -97,6 +99,41 @@ def _check_sizes(s: Scenario) -> None:
     batch = getattr(s.algorithm, "batch_size", None)
     if batch is not None and batch > n:
         raise ScenarioError("algorithm.batch_size", f"{batch:,} is more than the training samples ({why})")
+
+
+def _test_samples(s: Scenario) -> tuple[Optional[int], str]:
+    """The number of test samples a run will evaluate on, when known without reading the data."""
+    from simulator.data import DATASETS
+
+    d = s.data
+    full = getattr(DATASETS[d.dataset], "test_size", None)
+    sizes = [(full, f"the test set of {d.dataset} has {full:,} samples")] if full else []
+    if d.test_limit is not None:
+        sizes.append((d.test_limit, f"data.test_limit is {d.test_limit:,}"))
+    if not sizes:
+        return None, ""
+    return min(sizes, key=lambda t: t[0])
+
+
+def _check_eval(s: Scenario) -> None:
+    """A number in eval.subset is at most the test samples and at least the classes (one of each).
+
+    The runner checks the same against the test set it loads (``runner.eval_subset``), for
+    datasets whose size is not known here."""
+    from simulator.data import DATASETS
+
+    asked = s.eval.subset
+    if not isinstance(asked, int):
+        return  # auto or null: always possible
+    n, why = _test_samples(s)
+    if n is not None and asked > n:
+        raise ScenarioError("eval.subset", f"{asked:,} is more than the test samples ({why}); give at most {n:,}, "
+                                           "auto, or null (the full test set every time)")
+    spec = DATASETS[s.data.dataset]
+    classes = getattr(spec, "num_classes", None) or len(getattr(spec, "label_names", ()) or ()) or None
+    if classes is not None and asked < classes and (n is None or asked < n):
+        raise ScenarioError("eval.subset", f"{asked:,} samples cannot hold one of each of the {classes} classes of "
+                                           f"{s.data.dataset}; give at least {classes}, or null (the full test set)")
 
 
 def _check_model(s: Scenario) -> None:

@@ -9,6 +9,7 @@ changing the time model never changes what the model learns, and vice versa
 - ``init``  model initialisation
 - ``zo``    zeroth-order directions
 - ``algo``  algorithm choices (client sampling per round, GAS replacement, generated samples)
+- ``eval``  the training-time evaluation subset of the test set (``runner.eval_subset``)
 
 Key parts may be ints or strings. Strings are mapped to ints with a stable digest, never with
 Python's ``hash()`` (salted per process). This module is the only place that touches torch's

@@ -1,7 +1,9 @@
 """Run one scenario: build data, model, time model and algorithm, run the event loop, write outputs.
 
 ``run_scenario`` is the API for notebooks and the CLI alike. It owns evaluation (free in
-simulated time), the stop rules and the output files; the algorithm owns its control flow.
+simulated time: during training on a fixed, stratified, keyed subset of the test set, at the
+end on the full test set; ``eval_subset``, ``_Controller``), the stop rules and the output
+files; the algorithm owns its control flow.
 Outputs in ``out_dir``: scenario.yaml (resolved), metrics.csv, events.csv, summary.json,
 accuracy_vs_time.png, and any per-round tables the algorithm records. A KeyboardInterrupt
 stops the loop; what was recorded is flushed and the summary says ``"status": "interrupted"``.
@@ -161,13 +163,56 @@ def _to_device(data, device):
     )
 
 
+def eval_subset(scenario: Scenario, labels) -> Optional["np.ndarray"]:
+    """Sorted test-set indices of the run's training-time evaluation subset; None: the full set.
+
+    Drawn once per run from ``rng.generator(seed, "eval", "subset")`` with the test labels only:
+    proportional to the classes (largest remainder), every class represented, the same for every
+    algorithm given the same seed and data, another subset for another seed. ``eval.subset``
+    larger than the test set, or smaller than its number of classes, is a ``ScenarioError``.
+    """
+    import numpy as np
+
+    from simulator.data import stratified_subset
+    from simulator.rng import generator
+
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    asked, n = scenario.eval.subset, int(y.size)
+    if isinstance(asked, int) and asked > n:
+        raise ScenarioError("eval.subset", f"{asked:,} is more than the {n:,} samples of the test set; give at most "
+                                           f"{n:,}, auto, or null (the full test set every time)")
+    size = scenario.eval.subset_size(n)
+    if size is None:
+        return None
+    try:
+        return stratified_subset(y, size, generator(scenario.seed, "eval", "subset"), every_class=True)
+    except ValueError as e:
+        raise ScenarioError("eval.subset", f"{size:,} samples: {e}; give more, or null (the full test set)") from None
+
+
 class _Controller:
-    """Evaluation and stop rules, driven by round notifications and a clock process."""
+    """Evaluation and stop rules, driven by round notifications and a clock process.
+
+    Evaluations during training use the run's fixed subset of the test set (``eval_subset``; the
+    full set when ``eval.subset`` is null or covers it) and decide ``stop.target_accuracy``;
+    ``finish`` adds the evaluation on the full test set at the end. All are free in simulated
+    time; their host seconds are summed in ``eval_host_s``.
+    """
 
     def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool):
         self.s, self.sim, self.algo, self.ctx = scenario, sim, algo, ctx
         self.last_eval_key = None
         self.last_acc = float("nan")
+        self.eval_host_s = 0.0
+        x, y = ctx.data.x_test, ctx.data.y_test
+        self.test_samples = len(y)
+        idx = eval_subset(scenario, y)
+        self.full = ("full", x, y)
+        if idx is None:
+            self.during = self.full
+        else:
+            t = torch.as_tensor(idx, dtype=torch.long, device=y.device)
+            self.during = ("subset", x[t], y[t])
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -175,10 +220,24 @@ class _Controller:
             self.bar = tqdm(total=scenario.stop.rounds, unit="round", file=sys.stderr, dynamic_ncols=True,
                             desc=scenario.name, leave=True)
 
+    @property
+    def subset_samples(self) -> Optional[int]:
+        """Samples of the training-time subset; None when training evaluates the full set."""
+        return len(self.during[2]) if self.during is not self.full else None
+
+    def _measure(self, which: tuple) -> dict:
+        """Evaluate the global model on ``which`` (eval_set, x, y) and record the row."""
+        name, x, y = which
+        t0 = _time.perf_counter()
+        acc, loss = self.algo.evaluate(x, y, self.s.eval.batch_size)
+        self.eval_host_s += _time.perf_counter() - t0
+        return self.sim.recorder.metric(self.sim.now, self.sim.rounds_done, acc, loss,
+                                        eval_set=name, eval_samples=len(y))
+
     def evaluate(self) -> dict:
-        ev = self.s.eval
-        acc, loss = self.algo.evaluate(self.ctx.data.x_test, self.ctx.data.y_test, ev.batch_size)
-        row = self.sim.recorder.metric(self.sim.now, self.sim.rounds_done, acc, loss)
+        """A training-time evaluation (the subset): the curve, and the target check."""
+        row = self._measure(self.during)
+        acc = row["test_accuracy"]
         self.last_eval_key = (self.sim.rounds_done, self.sim.now)
         self.last_acc = acc
         if self.bar is not None:
@@ -187,6 +246,14 @@ class _Controller:
         if target is not None and acc >= target:
             self.sim.stop("target_accuracy")
         return row
+
+    def finish(self) -> None:
+        """At the run's end: a training-time evaluation (unless one was made at this round and
+        time), then, when training used a subset, the full test set (same sim_time_s)."""
+        if self.last_eval_key != (self.sim.rounds_done, self.sim.now):
+            self.evaluate()
+        if self.during is not self.full:
+            self._measure(self.full)
 
     def on_round(self, r: int) -> None:
         done = r + 1
@@ -355,8 +422,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             env.process(ctl.deadline())
         if not sim.stopping:
             env.run(until=sim.stopped)
-        if ctl.last_eval_key != (sim.rounds_done, sim.now):
-            ctl.evaluate()
+        ctl.finish()
     except Exception as e:
         diverged = _diverged_in(e)
         if diverged is None:
@@ -383,7 +449,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
         if recorder is None:  # interrupted before the recorder existed
             recorder = Recorder(out)
         recorder.close()
-        summary = _summary(scenario, sim, recorder, ctx, algo, status, _time.perf_counter() - host_start)
+        summary = _summary(scenario, sim, recorder, ctx, algo, ctl, status, _time.perf_counter() - host_start)
         if timing is not None:
             summary.update(timing.summary_fields())
         if diverged is not None:
@@ -461,8 +527,32 @@ def _versions() -> dict:
     }
 
 
-def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
-    last = recorder.metrics[-1] if recorder.metrics else {}
+def _eval_fields(recorder: Recorder, ctl: Optional[_Controller]) -> dict:
+    """summary.json's accuracy and evaluation fields.
+
+    final_accuracy / final_loss: the last evaluation on the full test set (the one at the end;
+    None when the run ended without it: diverged or interrupted while training on a subset).
+    final_subset_accuracy: the last training-time evaluation on the subset (None: no subset).
+    best_accuracy: the best training-time evaluation (the rows time to target is read from).
+    """
+    rows = recorder.metrics
+    during = "subset" if any(m["eval_set"] == "subset" for m in rows) else "full"
+    full = [m for m in rows if m["eval_set"] == "full"]
+    subset = [m for m in rows if m["eval_set"] == "subset"]
+    last = full[-1] if full else {}
+    return {
+        "final_accuracy": last.get("test_accuracy"),
+        "final_loss": last.get("test_loss"),
+        "final_subset_accuracy": subset[-1]["test_accuracy"] if subset else None,
+        "best_accuracy": max((m["test_accuracy"] for m in rows if m["eval_set"] == during), default=None),
+        "eval_subset_samples": ctl.subset_samples if ctl is not None else None,
+        "eval_test_samples": ctl.test_samples if ctl is not None else None,
+        "eval_host_s": ctl.eval_host_s if ctl is not None else 0.0,
+    }
+
+
+def _summary(scenario, sim, recorder, ctx, algo, ctl, status, host_s) -> dict:
+    evals = _eval_fields(recorder, ctl)
     total = sim.now if sim is not None else 0.0  # no sim: interrupted early in set-up
     busy = recorder.busy_time("server")
     prof = ctx.profile if ctx is not None else None
@@ -472,9 +562,10 @@ def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
         "seed": scenario.seed,
         "status": status,
         "stop_reason": sim.stop_reason if sim is not None else None,
-        "final_accuracy": last.get("test_accuracy"),
-        "final_loss": last.get("test_loss"),
-        "best_accuracy": max((m["test_accuracy"] for m in recorder.metrics), default=None),
+        "final_accuracy": evals["final_accuracy"],
+        "final_loss": evals["final_loss"],
+        "final_subset_accuracy": evals["final_subset_accuracy"],
+        "best_accuracy": evals["best_accuracy"],
         "sim_time_s": total,
         "rounds": sim.rounds_done if sim is not None else 0,
         "bytes_up": recorder.bytes_up,
@@ -483,7 +574,10 @@ def _summary(scenario, sim, recorder, ctx, algo, status, host_s) -> dict:
         "server_busy_fraction": (busy / total) if total > 0 else None,
         "events": len(recorder.events),
         "evaluations": len(recorder.metrics),
+        "eval_subset_samples": evals["eval_subset_samples"],
+        "eval_test_samples": evals["eval_test_samples"],
         "host_runtime_s": host_s,
+        "eval_host_s": evals["eval_host_s"],  # host seconds evaluating, part of host_runtime_s
         "threads": torch.get_num_threads(),
         "device": str(ctx.device) if ctx is not None else None,
         "clients": [

@@ -1,7 +1,8 @@
 """The Recorder: every charged span and every evaluation, buffered and written as CSV.
 
 Spans go to ``events.csv``, evaluations to ``metrics.csv`` (one line written and flushed per
-evaluation, so an interrupted run keeps every evaluation it made), and algorithm-specific
+evaluation, so an interrupted run keeps every evaluation it made; each line says which test
+samples it used: ``eval_set`` and ``eval_samples``), and algorithm-specific
 per-round tables (``<name>.csv``) through ``table``. The recorder never decides what happens
 in a run; it only keeps what it is told, in the order it is told.
 """
@@ -33,8 +34,11 @@ class Span(NamedTuple):
 
 EVENT_COLUMNS = Span._fields
 METRIC_COLUMNS = (
-    "sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down",
+    "sim_time_s", "round", "test_accuracy", "test_loss", "bytes_up", "bytes_down", "eval_set", "eval_samples",
 )
+#: ``eval_set`` of a metrics row: evaluated on the run's fixed training-time subset of the test
+#: set, or on the full test set (every row when ``eval.subset`` is null, else the row at the end).
+EVAL_SETS = ("subset", "full")
 
 
 def _cell(v: Any) -> str:
@@ -115,8 +119,12 @@ class Recorder:
             self.flush()
 
     # -- metrics -------------------------------------------------------------------------
-    def metric(self, sim_time_s: float, round: Optional[int], test_accuracy: float, test_loss: float) -> dict:
-        """One evaluation of the global model; written to disk at once."""
+    def metric(self, sim_time_s: float, round: Optional[int], test_accuracy: float, test_loss: float, *,
+               eval_set: str, eval_samples: int) -> dict:
+        """One evaluation of the global model on ``eval_samples`` test samples of ``eval_set``
+        (``subset`` or ``full``, see ``EVAL_SETS``); written to disk at once."""
+        if eval_set not in EVAL_SETS:
+            raise ValueError(f"eval_set must be one of {EVAL_SETS}, got {eval_set!r}")
         row = {
             "sim_time_s": float(sim_time_s),
             "round": round,
@@ -124,6 +132,8 @@ class Recorder:
             "test_loss": float(test_loss),
             "bytes_up": int(self.bytes_up),
             "bytes_down": int(self.bytes_down),
+            "eval_set": eval_set,
+            "eval_samples": int(eval_samples),
         }
         self.metrics.append(row)
         if "metrics" in self._files:

@@ -16,7 +16,13 @@ folder on disk. The checks, each exact (no slack but where a float is a sum):
   engine numbers a client's operations of one category as it starts them); no number twice;
 - ``totals``: summary.json's events, bytes_up, bytes_down, evaluations and server_busy_s
   (the union of server spans, to 1e-9 relative) agree with events.csv and metrics.csv;
-- ``metrics``: metrics.csv never goes back in sim_time_s, round, bytes_up or bytes_down.
+- ``metrics``: metrics.csv never goes back in sim_time_s, round, bytes_up or bytes_down; its
+  evaluation marks hold: ``eval_set`` is ``subset`` or ``full``, ``eval_samples`` a positive
+  integer, one sample count per set (the subset smaller than the full set); in a run that
+  trained on a subset, the one ``full`` row is the last, at the same sim_time_s and round as
+  the row before it (free in simulated time) and at the summary's sim_time_s; summary.json's
+  final_accuracy is the last ``full`` row's accuracy (null without one). A metrics.csv written
+  before the marks existed (no ``eval_set`` column) is checked without them.
 
 Spans are half-open ``[start, end)``: one that starts exactly when another ends does not
 overlap it; a zero-length span overlaps a span that strictly contains its instant.
@@ -37,6 +43,7 @@ from simulator.errors import UserError
 
 CHECKS = ("spans", "client_compute", "links", "server_capacity", "seq", "totals", "metrics")
 LINKS = ("uplink", "downlink")
+EVAL_MARKS = ("eval_set", "eval_samples")  # metrics.csv columns that say which test samples a row used
 REL_TOL = 1e-9
 _UNSET: Any = object()
 
@@ -111,7 +118,9 @@ def load_run(run_dir: str | Path) -> tuple[RunData, list[Violation]]:
     data = RunData(_events_frame(raw))
     if (d / rundir.METRICS).is_file():
         m = pd.read_csv(d / rundir.METRICS)
-        if all(c in m.columns for c in METRIC_COLUMNS):
+        required = tuple(c for c in METRIC_COLUMNS if c not in EVAL_MARKS)  # older runs have no marks
+        if all(c in m.columns for c in required) and (all(c in m.columns for c in EVAL_MARKS)
+                                                      or not any(c in m.columns for c in EVAL_MARKS)):
             data.metrics = m
         else:
             missing.append(Violation("metrics", f"{rundir.METRICS} lacks columns of {METRIC_COLUMNS}"))
@@ -166,7 +175,7 @@ def check(data: RunData, limit: int = 20) -> list[Violation]:
     if data.summary is not None:
         out += check_totals(ev, data.metrics, data.summary)
     if data.metrics is not None:
-        out += check_metrics(data.metrics, limit)
+        out += check_metrics(data.metrics, limit, data.summary)
     return out
 
 
@@ -333,8 +342,9 @@ def check_totals(ev: pd.DataFrame, metrics: Optional[pd.DataFrame], summary: dic
     return out
 
 
-def check_metrics(metrics: pd.DataFrame, limit: int = 20) -> list[Violation]:
-    """metrics.csv never goes back in simulated time, round, or bytes sent."""
+def check_metrics(metrics: pd.DataFrame, limit: int = 20, summary: Optional[dict] = None) -> list[Violation]:
+    """metrics.csv never goes back in simulated time, round, or bytes sent; its evaluation marks
+    (``eval_set``, ``eval_samples``) are consistent, with each other and with ``summary``."""
     msgs, total = [], 0
     for col in ("sim_time_s", "round", "bytes_up", "bytes_down"):
         if col not in metrics.columns:
@@ -343,4 +353,54 @@ def check_metrics(metrics: pd.DataFrame, limit: int = 20) -> list[Violation]:
         back = np.flatnonzero(v[1:] < v[:-1]) + 1
         total += len(back)
         msgs += [f"row {i + 1}: {col} goes back from {float(v[i - 1])!r} to {float(v[i])!r}" for i in back[:limit]]
+    if "eval_set" in metrics.columns:
+        marks = _check_eval_marks(metrics, summary)
+        total += len(marks)
+        msgs += marks
     return _capped("metrics", msgs, total, limit)
+
+
+def _check_eval_marks(m: pd.DataFrame, summary: Optional[dict]) -> list[str]:
+    """The evaluation marks of metrics.csv (see the module docstring); messages, [] when kept."""
+    out: list[str] = []
+    sets = m["eval_set"].astype(str).to_numpy()
+    bad = np.flatnonzero(~np.isin(sets, ("subset", "full")))
+    out += [f"row {i + 1}: eval_set is {sets[i]!r}, expected subset or full" for i in bad[:5]]
+    n = pd.to_numeric(m["eval_samples"], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~(np.isfinite(n) & (n >= 1) & (n == np.round(n))))
+    out += [f"row {i + 1}: eval_samples is {m['eval_samples'].iloc[i]}, expected a positive integer" for i in bad[:5]]
+    if out:
+        return out
+    counts = {}
+    for name in ("subset", "full"):
+        values = np.unique(n[sets == name])
+        if len(values) > 1:
+            out.append(f"eval_set {name} has {len(values)} sample counts ({', '.join(f'{v:g}' for v in values)}); "
+                       "a run evaluates one fixed set of each")
+        elif len(values):
+            counts[name] = float(values[0])
+    if "subset" in counts and "full" in counts and counts["subset"] >= counts["full"]:
+        out.append(f"the subset has {counts['subset']:g} samples, not fewer than the full set's {counts['full']:g}")
+    full = np.flatnonzero(sets == "full")
+    if "subset" in counts and len(full):
+        t = pd.to_numeric(m["sim_time_s"], errors="coerce").to_numpy(dtype=float)
+        r = pd.to_numeric(m["round"], errors="coerce").to_numpy(dtype=float)
+        last = len(sets) - 1
+        if len(full) > 1 or full[0] != last:
+            out.append(f"rows {', '.join(str(i + 1) for i in full[:5])} evaluate the full set; a run that trains "
+                       "on a subset evaluates the full set once, in its last row")
+        elif last == 0 or t[last] != t[last - 1] or r[last] != r[last - 1]:
+            out.append(f"row {last + 1}: the full-set evaluation is not at the sim_time_s and round of the "
+                       "training-time evaluation at the run's end")
+        elif summary is not None and isinstance(summary.get("sim_time_s"), (int, float)) \
+                and not _close(t[last], float(summary["sim_time_s"])):
+            out.append(f"row {last + 1}: the full-set evaluation is at sim_time_s {t[last]!r}, the run ended at "
+                       f"{summary['sim_time_s']!r}")
+    if summary is not None and "final_accuracy" in summary:
+        acc = pd.to_numeric(m["test_accuracy"], errors="coerce").to_numpy(dtype=float)
+        want = float(acc[full[-1]]) if len(full) else None
+        got = summary.get("final_accuracy")
+        if not ((want is None and got is None) or (want is not None and isinstance(got, (int, float))
+                                                     and _close(float(got), want))):
+            out.append(f"summary.json final_accuracy is {got!r}, the last full-set evaluation says {want!r}")
+    return out

@@ -116,3 +116,25 @@ def test_heatmap_marks_targets_never_reached():
     assert img.shape == (2, 2) and img[0, 1] == 5.0 and np.ma.is_masked(img[1, 1])
     assert [t.get_text() for t in ax.texts] == ["10", "5", "20", "—"]
     assert ax.get_xlabel() == "algorithm.tau" and ax.get_ylabel() == "model.cut"
+
+
+def test_final_full_set_point_is_drawn_apart_from_the_curve(tmp_path):
+    """A subset run: the line stops at its last subset value; a diamond marks the full-set accuracy."""
+    from analysis.plots import FINAL_LABEL
+    from analysis.traces import load_runs
+    from tests.test_traces import write_fake_run
+
+    write_fake_run(tmp_path, "a", algorithm="a", seed=0, times=[0, 1, 2], accs=[0.1, 0.5, 0.7], full_acc=0.85)
+    runs = load_runs(tmp_path / "a")
+    fig, ax = new_figure()
+    plot_mean_accuracy_vs_time(ax, runs, points=5)
+    diamonds = [l for l in ax.lines if l.get_marker() == "D"]
+    assert len(diamonds) == 1 and diamonds[0].get_label().startswith(FINAL_LABEL)
+    assert diamonds[0].get_xydata().tolist() == [[2.0, pytest.approx(85.0)]]
+    line = next(l for l in ax.lines if l.get_marker() != "D")
+    assert line.get_ydata()[-1] == pytest.approx(70.0)
+    fig, ax = new_figure()
+    plot_accuracy_vs_time(ax, runs, label="a")
+    assert ax.lines[0].get_ydata().tolist() == pytest.approx([10, 50, 70])
+    assert ax.lines[0].get_label() == "a (100-sample subset)" and ax.lines[1].get_marker() == "D"
+    assert ax.lines[1].get_label() == f"{FINAL_LABEL} (1,000)"

@@ -94,3 +94,21 @@ def test_report_leaves_out_runs_not_in_batch_json(tmp_path):
     per_run = pd.read_csv(root / "report" / "tables" / "per_run.csv")
     assert "old-seed0" not in set(per_run["run_id"]) and len(per_run) == 6
     assert "not in batch.json" in md.read_text()
+
+
+def test_report_reads_final_accuracy_from_the_full_row(tmp_path):
+    """Subset runs: final accuracy is the full-set row, times to target come from the subset rows,
+    and the page says which samples each number used."""
+    root = tmp_path / "cmp"
+    for seed in (0, 1):
+        write_fake_run(root / "runs", f"splitfed_v1-seed{seed}", algorithm="splitfed_v1", seed=seed,
+                       times=[0, 10, 20], accs=[0.1, 0.6, 0.7], full_acc=0.8 + 0.02 * seed)
+    md = write_report(root, targets=[0.75])
+    per_run = pd.read_csv(root / "report" / "tables" / "per_run.csv")
+    assert per_run["final_accuracy"].tolist() == pytest.approx([0.8, 0.82])
+    assert per_run["final_subset_accuracy"].tolist() == [0.7, 0.7]
+    assert per_run["time_to_0.75"].isna().all()  # only the full rows reach 75%
+    summary = pd.read_csv(root / "report" / "tables" / "summary.csv")
+    assert summary["final_accuracy_mean"].tolist() == pytest.approx([0.81])
+    text = md.read_text()
+    assert "full test set (1,000 samples)" in text and "fixed subset of 100 test samples" in text

@@ -230,3 +230,25 @@ def test_memory_command_bad_flags_exit_2(capsys, argv, key):
     """Bad ``sflsim memory`` flags are one line naming the flag, exit code 2."""
     err = _error_line(capsys, ["memory", *argv])
     assert err.startswith(f"sflsim: error: {key}:"), err
+
+
+def test_text_runs_evaluate_a_stratified_subset_then_the_full_set(text_raw, tmp_path):
+    """A text run trains on a 4-sentence subset of the 16 dev sentences (both labels), then
+    evaluates all 16 at its end; 17 is refused naming eval.subset (the runner's own check:
+    pre-flight only knows GLUE's 872)."""
+    import numpy as np
+
+    from simulator.runner import eval_subset
+
+    raw = copy.deepcopy(text_raw)
+    raw["eval"]["subset"] = 4
+    result = run_scenario(validate(raw), tmp_path / "out")
+    rows = result.recorder.metrics
+    assert [(m["eval_set"], m["eval_samples"]) for m in rows] == [("subset", 4)] * 3 + [("full", 16)]
+    assert result.summary["final_accuracy"] == rows[-1]["test_accuracy"]
+    labels = np.array([1] * 8 + [0] * 8)
+    assert sorted(labels[eval_subset(validate(raw), labels)].tolist()) == [0, 0, 1, 1]
+    raw["eval"]["subset"] = 17
+    with pytest.raises(ScenarioError, match=r"^eval\.subset: 17 is more than the 16 samples of the test set"):
+        run_scenario(validate(raw), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

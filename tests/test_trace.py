@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from simulator.trace import EVENT_COLUMNS, Recorder
+from simulator.trace import EVENT_COLUMNS, METRIC_COLUMNS, Recorder
 
 
 def _span(rec, party, s, e, client=0, nbytes=0):
@@ -16,9 +16,21 @@ def _span(rec, party, s, e, client=0, nbytes=0):
 def test_metrics_are_on_disk_before_close(tmp_path):
     """Each evaluation is written and flushed immediately (an interrupted run keeps it)."""
     rec = Recorder(tmp_path)
-    rec.metric(1.5, 1, 0.5, 1.0)
+    rec.metric(1.5, 1, 0.5, 1.0, eval_set="subset", eval_samples=100)
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("1.5,1,0.5,1.0")
+    assert len(lines) == 2 and lines[1] == "1.5,1,0.5,1.0,0,0,subset,100"
+
+
+def test_metric_rows_name_their_test_samples(tmp_path):
+    """A metrics row says which test samples it used; an unknown set is refused, not written."""
+    rec = Recorder(tmp_path)
+    rec.metric(2.0, 3, 0.75, 0.5, eval_set="full", eval_samples=359)
+    with pytest.raises(ValueError, match="eval_set"):
+        rec.metric(2.0, 3, 0.75, 0.5, eval_set="train", eval_samples=10)
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_COLUMNS and len(rows) == 1
+    assert (rows[0]["eval_set"], rows[0]["eval_samples"]) == ("full", "359")
 
 
 def test_events_flush_and_close(tmp_path):

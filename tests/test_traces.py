@@ -12,6 +12,9 @@ import yaml
 
 from analysis.traces import (
     add_labels,
+    curve_rows,
+    final_rows,
+    final_values,
     find_runs,
     group_columns,
     interpolate_runs,
@@ -33,14 +36,22 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182}
 def write_fake_run(root: Path, run_id: str, *, algorithm: str, seed: int, times, accs, rounds=None,
                    variant: str = "", params: dict | None = None, status: str = "completed",
                    events: list[tuple] | None = None, capacity: int | None = 1,
-                   target: float | None = None, server_busy_fraction: float = 0.5) -> Path:
-    """A run folder as the batch runner leaves it (metrics, events, summary, run.json, scenario)."""
+                   target: float | None = None, server_busy_fraction: float = 0.5,
+                   full_acc: float | None = None) -> Path:
+    """A run folder as the batch runner leaves it (metrics, events, summary, run.json, scenario).
+
+    Without ``full_acc`` metrics.csv has no eval marks (a run of an older version: all full);
+    with it, ``accs`` are 100-sample subset evaluations and a full row (1,000 samples) of
+    ``full_acc`` follows at the last time and round."""
     d = root / run_id
     d.mkdir(parents=True)
     rounds = list(range(len(times))) if rounds is None else rounds
     m = pd.DataFrame({"sim_time_s": times, "round": rounds, "test_accuracy": accs,
                       "test_loss": [1.0] * len(times), "bytes_up": [100 * r for r in rounds],
                       "bytes_down": [200 * r for r in rounds]})
+    if full_acc is not None:
+        m["eval_set"], m["eval_samples"] = "subset", 100
+        m = pd.concat([m, m.iloc[[-1]].assign(test_accuracy=full_acc, eval_set="full", eval_samples=1000)])
     m.to_csv(d / "metrics.csv", index=False)
     ev = events if events is not None else [
         (0, "client", "client_forward", 0, 0, 0.0, 0.5, 0.0, 1.0, 0),
@@ -54,7 +65,8 @@ def write_fake_run(root: Path, run_id: str, *, algorithm: str, seed: int, times,
     cols = ["client", "party", "kind", "round", "seq", "start_s", "end_s", "wait_s", "flops", "nbytes"]
     pd.DataFrame(ev, columns=cols).to_csv(d / "events.csv", index=False)
     summary = {"scenario": "fake", "algorithm": algorithm, "seed": seed, "status": status, "stop_reason": "rounds",
-               "final_accuracy": accs[-1], "best_accuracy": max(accs), "sim_time_s": times[-1],
+               "final_accuracy": accs[-1] if full_acc is None else full_acc, "best_accuracy": max(accs),
+               "sim_time_s": times[-1],
                "rounds": rounds[-1], "bytes_up": 100 * rounds[-1], "bytes_down": 200 * rounds[-1],
                "server_busy_s": server_busy_fraction * times[-1], "server_busy_fraction": server_busy_fraction,
                "host_runtime_s": 1.0, "threads": 1}
@@ -172,3 +184,52 @@ def test_load_runs_accepts_a_single_run_folder_and_rejects_others(tmp_path):
     assert df["run_id"].unique().tolist() == ["single"] and df["variant"].unique().tolist() == [""]
     with pytest.raises(UserError):
         load_runs(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation marks: training-time subset rows and the full row at the end
+# --------------------------------------------------------------------------------------------
+def _marked(tmp_path):
+    """Run a: subset 0.1 -> 0.7, full 0.85 at its end; run b: an older run, all full (0.1 -> 0.9)."""
+    write_fake_run(tmp_path, "a", algorithm="a", seed=0, times=[0, 1, 2], accs=[0.1, 0.5, 0.7], full_acc=0.85)
+    write_fake_run(tmp_path, "b", algorithm="b", seed=0, times=[0, 1, 2], accs=[0.1, 0.5, 0.9])
+    return load_runs([tmp_path / "a", tmp_path / "b"])
+
+
+def test_load_runs_marks_older_runs_full(tmp_path):
+    """A metrics.csv without eval_set loads as full rows with unknown sample counts."""
+    df = _marked(tmp_path)
+    b = df[df["run_id"] == "b"]
+    assert b["eval_set"].tolist() == ["full"] * 3 and b["eval_samples"].isna().all()
+    assert df[df["run_id"] == "a"]["eval_set"].tolist() == ["subset"] * 3 + ["full"]
+
+
+def test_curve_and_final_rows(tmp_path):
+    """The curve of a subset run is its subset rows; of a full run, all rows. Final: the last full row."""
+    df = _marked(tmp_path)
+    curve = curve_rows(df)
+    assert curve.groupby("run_id")["eval_set"].apply(list).to_dict() == {"a": ["subset"] * 3, "b": ["full"] * 3}
+    final = final_rows(df).set_index("run_id")["test_accuracy"]
+    assert final.to_dict() == {"a": 0.85, "b": 0.9}
+    assert final_rows(df, only_subset_runs=True)["run_id"].tolist() == ["a"]
+
+
+def test_time_to_target_never_reads_the_final_full_row(tmp_path):
+    """Run a's full row (0.85) reaches 0.8 but its training-time curve does not: never reached."""
+    t = time_to_target(_marked(tmp_path), 0.8).set_index("run_id")
+    assert math.isnan(t.loc["a", "time_to_target"]) and t.loc["b", "time_to_target"] == 2
+
+
+def test_final_values_split_full_and_subset(tmp_path):
+    """final_accuracy: the full row; final_subset_accuracy and best_accuracy: the subset rows."""
+    v = final_values(_marked(tmp_path)).set_index("run_id")
+    assert v.loc["a", ["final_accuracy", "final_subset_accuracy", "best_accuracy"]].tolist() == [0.85, 0.7, 0.7]
+    assert v.loc["b", "final_accuracy"] == 0.9 and math.isnan(v.loc["b", "final_subset_accuracy"])
+    assert v.loc["a", "rounds"] == 2 and v.loc["a", "sim_time_s"] == 2
+
+
+def test_mean_curve_ends_at_the_last_subset_value(tmp_path):
+    """The full row at the same time as the last subset row does not bend the curve."""
+    df = _marked(tmp_path)
+    curve = mean_curve(df[df["run_id"] == "a"], grid=[0, 2])
+    assert curve["mean"].tolist() == pytest.approx([0.1, 0.7])

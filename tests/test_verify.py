@@ -294,3 +294,52 @@ def test_verifier_is_fast(tmp_path):
     t0 = time.perf_counter()
     assert verify.verify_run(folder) == []
     assert time.perf_counter() - t0 < 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation marks of metrics.csv
+# --------------------------------------------------------------------------------------------
+def _subset_run(tmp_path):
+    """A real tiny run that evaluates a 100-sample subset, then the full test set at its end."""
+    raw = copy.deepcopy(TINY)
+    raw["eval"] = {"every_rounds": 1, "subset": 100}
+    run_scenario(validate(raw), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _edit_metrics(folder, edit):
+    import pandas as pd
+
+    m = pd.read_csv(folder / rundir.METRICS)
+    m = edit(m)
+    m.to_csv(folder / rundir.METRICS, index=False)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m.assign(eval_set=["subset", "full", "subset", "full"]), "evaluate the full set"),
+    (lambda m: m.assign(eval_set=["subset", "subset", "subset", "train"]), "eval_set is 'train'"),
+    (lambda m: m.assign(eval_samples=[100, 100, 0, 359]), "eval_samples is 0"),
+    (lambda m: m.assign(eval_samples=[100, 90, 100, 359]), "subset has 2 sample counts"),
+    (lambda m: m.assign(eval_samples=[400, 400, 400, 359]), "not fewer than the full set"),
+    (lambda m: m.assign(test_accuracy=[*m.test_accuracy[:3], 0.123]), "final_accuracy is"),
+    (lambda m: m.assign(round=[0, 1, 1, 2]), "not at the sim_time_s and round"),
+])
+def test_metrics_checks_the_eval_marks(tmp_path, edit, why):
+    """A subset run verifies clean; each broken mark is a metrics violation saying what."""
+    folder = _subset_run(tmp_path)
+    assert verify.verify_run(folder) == []
+    _edit_metrics(folder, edit)
+    found = verify.verify_run(folder)
+    assert found and {v.check for v in found} == {"metrics"}, found
+    assert any(why in v.message for v in found), found
+
+
+def test_metrics_without_marks_are_an_older_run(tmp_path):
+    """A metrics.csv written before eval_set existed verifies without the mark checks."""
+    folder = _subset_run(tmp_path)
+    summary = json.loads((folder / rundir.SUMMARY).read_text())
+    _edit_metrics(folder, lambda m: m.drop(columns=["eval_set", "eval_samples"]))
+    assert verify.verify_run(folder) == []
+    _edit_metrics(folder, lambda m: m.assign(eval_set="full"))  # one mark without the other: broken
+    assert {v.check for v in verify.verify_run(folder)} == {"metrics"}
+    assert summary["final_accuracy"] is not None

@@ -215,6 +215,7 @@ class ImageSource:
     scale: float = 255.0  # pixel value that maps to 1.0
     input_shape: tuple[int, int, int]  # (C, H, W) of one sample: pre-flight checks a model fits it
     train_size: Optional[int] = None  # training samples of the usual copy (pre-flight bounds), None: unknown
+    test_size: Optional[int] = None  # test samples of the usual copy (pre-flight bounds eval.subset), None: unknown
 
     def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
         """Where the samples come from, without reading them (DatasetNotFoundError or
@@ -379,7 +380,7 @@ def _held_out_split(labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------------------------
 IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
     Files(
-        name="fashion_mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000,
+        name="fashion_mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000, test_size=10_000,
         summary="Fashion-MNIST: 28x28 grey clothing, 10 classes, 60,000 + 10,000 (IDX files)",
         subdirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST", ""),
         missing=formats.idx_missing, read_split=formats.read_idx_split,
@@ -391,7 +392,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000,
+        name="mnist", num_classes=10, input_shape=(1, 28, 28), train_size=60_000, test_size=10_000,
         summary="MNIST: 28x28 grey handwritten digits, 10 classes, 60,000 + 10,000 (IDX files)",
         subdirs=("mnist", "MNIST/raw", "MNIST", ""),
         missing=formats.idx_missing, read_split=formats.read_idx_split,
@@ -402,7 +403,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="cifar10", num_classes=10, input_shape=(3, 32, 32), train_size=50_000,
+        name="cifar10", num_classes=10, input_shape=(3, 32, 32), train_size=50_000, test_size=10_000,
         summary="CIFAR-10: 32x32 colour, 10 classes, 50,000 + 10,000 (python pickle batches)",
         subdirs=("cifar-10-batches-py", "cifar10", "cifar-10", ""),
         missing=formats.cifar10_missing, read_split=formats.read_cifar10_split,
@@ -413,7 +414,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     Files(
-        name="cifar100", num_classes=100, input_shape=(3, 32, 32), train_size=50_000,
+        name="cifar100", num_classes=100, input_shape=(3, 32, 32), train_size=50_000, test_size=10_000,
         summary="CIFAR-100: 32x32 colour, 100 fine classes, 50,000 + 10,000 (python pickle batches)",
         subdirs=("cifar-100-python", "cifar100", "cifar-100", ""),
         missing=formats.cifar100_missing, read_split=formats.read_cifar100_split,
@@ -424,7 +425,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
         ),
     ),
     PngFolders(
-        name="cinic10", input_shape=(3, 32, 32), train_size=90_000,
+        name="cinic10", input_shape=(3, 32, 32), train_size=90_000, test_size=90_000,
         summary="CINIC-10: 32x32 colour, 10 classes, 90,000 + 90,000 (PNG folders, Pillow)",
         subdirs=("cinic-10", "CINIC-10", "cinic10", ""),
         how_to_get=(
@@ -435,7 +436,7 @@ IMAGE_DATASETS: dict[str, ImageSource] = {s.name: s for s in (
     Bundled(
         name="digits", num_classes=10, read=formats.read_sklearn_digits,
         source="scikit-learn digits", scale=16.0, package="sklearn", pip_name="scikit-learn",
-        input_shape=(1, 8, 8), train_size=1_438,
+        input_shape=(1, 8, 8), train_size=1_438, test_size=359,
         summary="scikit-learn's 8x8 digits, 10 classes, 1,797 (bundled; fixed 80/20 split)",
     ),
     Bundled(

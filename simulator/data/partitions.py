@@ -25,21 +25,31 @@ DIRICHLET_MAX_ATTEMPTS = 1000
 # --------------------------------------------------------------------------------------------
 # Subsets of a split (train_limit / test_limit)
 # --------------------------------------------------------------------------------------------
-def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator,
+                      every_class: bool = False) -> np.ndarray:
     """Sorted indices of `limit` samples keeping class proportions (largest-remainder rounding).
 
     Within a class the samples are drawn uniformly without replacement. Returns all indices
-    when `limit` >= len(labels).
+    when `limit` >= len(labels). ``every_class``: every class present in ``labels`` gets at
+    least one sample (taken from the classes with the most; ValueError when ``limit`` is
+    smaller than the number of classes); the draws are the same as without it whenever
+    proportional rounding already gives every class one.
     """
     n = labels.size
     if limit >= n:
         return np.arange(n, dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
+    if every_class and limit < classes.size:
+        raise ValueError(f"{limit} samples cannot hold one of each of the {classes.size} classes")
     quota = counts * (limit / n)
     take = np.floor(quota).astype(np.int64)
     short = limit - int(take.sum())
     # Ties in the remainder go to the lower class index (stable sort).
     take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    if every_class:
+        for k in np.flatnonzero(take == 0):
+            take[int(np.argmax(take))] -= 1  # the largest share gives one up (lowest class index on ties)
+            take[k] = 1
     picks = [
         rng.choice(np.flatnonzero(labels == k), size=int(t), replace=False)
         for k, t in zip(classes, take)

