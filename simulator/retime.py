@@ -7,8 +7,8 @@ when each operation happens, never what it computes. ``retime_run`` runs the mod
 scenario's timeline with no tensor work (the timing-only path, ``simulator.algorithms``'
 no-op steps) and takes the values from the finished run, evaluation by evaluation and row by
 row (``Replay``): the run folder it writes is the one a full training run of the modified
-scenario writes, byte for byte, except ``summary.json``'s ``host_runtime_s`` and its
-``retimed_from`` (docs/retime.md).
+scenario writes, byte for byte, except ``summary.json``'s host-time fields (``rundir.HOST_TIME_FIELDS``:
+``host_runtime_s``, ``eval_host_s``) and its ``retimed_from`` (docs/retime.md).
 
 Refused, with one line saying why (a ``UserError``, exit 2): another algorithm (``splitfed_v2``
 updates one server model in arrival order, ``gas`` is asynchronous, adaptive ``tau`` steps

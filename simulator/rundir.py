@@ -43,6 +43,8 @@ SCENARIO = "scenario.yaml"
 METRICS = "metrics.csv"
 EVENTS = "events.csv"
 SUMMARY = "summary.json"
+#: summary.json fields measured on the host (they differ between identical runs; everything else is reproducible).
+HOST_TIME_FIELDS = ("host_runtime_s", "eval_host_s")
 FIGURE = "accuracy_vs_time.png"
 RUN_META = "run.json"  # a batch run's labels, status and fingerprint
 TRACEBACK = "traceback.txt"  # in a failed run's folder

@@ -10,6 +10,7 @@ import simpy
 from simulator.engine import ReferenceSimulation, Simulation
 from simulator.latency import build_time_model
 from simulator.runner import run_scenario
+from simulator.rundir import HOST_TIME_FIELDS
 from simulator.scenario import validate
 from simulator.trace import Recorder
 
@@ -186,7 +187,8 @@ def _outputs(folder) -> dict:
     """Every CSV of a run folder as bytes, and summary.json without its host-time field."""
     out = {p.name: p.read_bytes() for p in sorted(folder.glob("*.csv"))}
     summary = json.loads((folder / "summary.json").read_text())
-    summary.pop("host_runtime_s")
+    for k in HOST_TIME_FIELDS:
+        summary.pop(k)
     out["summary.json"] = summary
     return out
 
