@@ -226,6 +226,7 @@ def bench_quickstart(repeats: int) -> None:
     b, a = statistics.median(times["before"]), statistics.median(times["after"])
     print(f"quickstart (5 runs): after/before wall time = {a / b:.2f} (before {b:.0f} s, after {a:.0f} s, "
           f"medians of {repeats})")
+    print(f"RESULT eval.quickstart_after_vs_before = {a / b:.3f}  wall time of the quickstart command, subset vs full-set evaluation")
 
 
 def main() -> None:
@@ -246,6 +247,8 @@ def main() -> None:
         print(f"largest projected evaluation share after: {100 * worst['after']['share']:.1f}% "
               f"({worst['file']} {worst['run']}); before it was up to "
               f"{100 * max((r['before'] or {'share': math.nan})['share'] for r in rows):.1f}%")
+        print(f"RESULT eval.share_max = {worst['after']['share']:.4f}  projected evaluation share of host time, "
+              f"worst shipped run ({worst['file']} {worst['run']})")
     if args.quickstart:
         bench_quickstart(args.repeats)
 

@@ -92,6 +92,7 @@ def main() -> None:
         print(f"one training run: {one:.1f} s host (median of {args.repeats})")
         print(f"8-point sweep, 1 trained + {retimed} re-timed: {sw:.1f} s host (median of {args.repeats})")
         print(f"ratio sweep / one run: {sw / one:.2f}x (target <= 1.3x)")
+        print(f"RESULT retime.sweep8_vs_one_run = {sw / one:.3f}  8-point straggler sweep (1 trained, 7 re-timed) / one training run")
         print(f"ratio sweep / its own trained point (same sweep, less exposed to machine load): "
               f"{statistics.median(inner):.2f}x (each repeat: {', '.join(f'{r:.2f}' for r in inner)})")
         if args.full:

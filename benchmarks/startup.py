@@ -152,6 +152,9 @@ def bench_validate(repeat: int, baseline: str | None = None) -> None:
         s = _med(ws)
         seen = ", ".join(sorted(torch_seen.get(name, set()))) or "-"  # reported by the validate processes
         print(f"| {name} | {s:.2f} | {s / p:.1f}x | {s / t:.2f}x | {seen} |")
+    v = _med(times["sflsim validate"])
+    print(f"RESULT startup.validate_s = {v:.3f}  seconds of `sflsim validate` in a fresh process (python -c pass: {p:.2f} s)")
+    print(f"RESULT startup.validate_vs_import_torch = {v / t:.3f}  validate / a bare `import torch` process")
 
 
 def bench_runs(repeat: int, scenarios: list[str]) -> None:
@@ -171,6 +174,7 @@ def bench_runs(repeat: int, scenarios: list[str]) -> None:
                                                   env=_env({"SFLSIM_CACHE": empty}))[1]))
                 warm.append(_last_json(_timed([py, "-c", PHASES, str(path)], env=_env({"SFLSIM_CACHE": keep}))[1]))
         rows.append((name, cold, warm, _med(bare)))
+    worst_cached: list[tuple[float, float, str]] = []
     print(f"\n## A run's start-up (median of {repeat}; seconds, then start-up / bare `import torch` process)")
     print("| scenario | profile cache | imports | data | model | profile | start-up | / import torch | "
           "cached / cold | dynamo, sympy or matplotlib imported |")
@@ -185,6 +189,11 @@ def bench_runs(repeat: int, scenarios: list[str]) -> None:
             ratio = f"{total / totals['cold']:.2f}" if label == "cached" else ""
             print(f"| {name} | {label} | {ph['imports']:.2f} | {ph['data']:.2f} | {ph['model']:.3f} | "
                   f"{ph['profile']:.3f} | {total:.2f} | {total / bare:.2f}x | {ratio} | {', '.join(heavy) or 'none'} |")
+        worst_cached.append((totals["cached"], totals["cached"] / bare, name))
+    if worst_cached:
+        s, r, name = max(worst_cached)
+        print(f"RESULT startup.run_startup_cached_s_max = {s:.3f}  seconds of a run's start-up with a cached profile, "
+              f"slowest scenario ({name}; {r:.2f}x a bare `import torch` process)")
 
 
 def _export(rev: str, into: Path) -> Path:
