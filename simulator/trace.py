@@ -8,12 +8,52 @@ in a run; it only keeps what it is told, in the order it is told.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 from simulator import rundir
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them as they would have been.
+
+    A flush writes rows and then moves its "written up to" mark; an interrupt between the two
+    would make ``close`` write the same rows again (duplicate spans in events.csv). In the main
+    thread the signals are caught for the block's few microseconds and re-raised through the
+    handler that was installed (KeyboardInterrupt, or the CLI's SIGTERM handler); elsewhere
+    (a Dask worker thread) signals never reach the code, so nothing is needed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not in the interpreter's main thread after all
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for sig in caught[:1]:
+            handler = old[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
 
 
 class Span(NamedTuple):
@@ -150,7 +190,15 @@ class Recorder:
 
     # -- disk ----------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write what is buffered (events and tables) to disk."""
+        """Write what is buffered (events and tables) to disk (never twice: an interrupt
+        waits until the rows and the marks of what was written agree)."""
+        if self.out_dir is None:
+            self._events_written = len(self.events)
+            return
+        with _interrupts_deferred():
+            self._flush()
+
+    def _flush(self) -> None:
         if self.out_dir is None:
             self._events_written = len(self.events)
             return

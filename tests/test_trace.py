@@ -122,3 +122,30 @@ def test_add_span_is_span(tmp_path):
     a.close(), b.close()
     assert (tmp_path / "a" / "events.csv").read_bytes() == (tmp_path / "b" / "events.csv").read_bytes()
     assert b.events_csv_text() == (tmp_path / "b" / "events.csv").read_text()
+
+
+def test_interrupt_right_after_a_write_never_duplicates_rows(tmp_path, monkeypatch):
+    """A SIGINT arriving between writing rows and marking them written (a real signal, in that
+    window) is delivered after the flush, and close() writes nothing twice."""
+    import os
+    import signal
+
+    from simulator import trace as trace_mod
+
+    rec = trace_mod.Recorder(tmp_path)
+    original = trace_mod._CsvFile.write_spans
+
+    def write_then_signal(self, rows):
+        original(self, rows)
+        os.kill(os.getpid(), signal.SIGINT)  # lands before flush() moves its mark
+
+    monkeypatch.setattr(trace_mod._CsvFile, "write_spans", write_then_signal)
+    for i in range(3):
+        rec.span(client=0, party="client", kind="k", round=0, seq=i, start_s=float(i), end_s=i + 0.5,
+                 wait_s=0.0, flops=1.0, nbytes=0)
+    with pytest.raises(KeyboardInterrupt):
+        rec.flush()
+    monkeypatch.setattr(trace_mod._CsvFile, "write_spans", original)
+    rec.close()
+    lines = (tmp_path / "events.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3, lines
