@@ -349,8 +349,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             env.process(ctl.clock())
         if scenario.stop.sim_time_s is not None:
             env.process(ctl.deadline())
-        if not sim.stopping:
-            env.run(until=sim.stopped)
+        sim.run()
         if ctl.last_eval_key != (sim.rounds_done, sim.now):
             ctl.evaluate()
     except Exception as e:

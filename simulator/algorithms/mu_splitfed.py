@@ -252,6 +252,17 @@ class RoundSteps:
         x, y = batch_tensors(self.ctx.data, idx, self.ctx.device)
         return x, y, aux_of(self.ctx.parts, x)
 
+    def next_batch(self, batches: ClientBatches, c: int):
+        """Client c's next minibatch: (x, y, aux, its number of samples)."""
+        idx = batches.next(c)
+        x, y, aux = self.batch(idx)
+        return x, y, aux, len(idx)
+
+    def zo_seeds(self, P: int, *key) -> list[int]:
+        """The seeds of the P directions of one ZO op: ``zo_seed(run seed, *key, p)``."""
+        seed = self.ctx.seed
+        return [zo_seed(seed, *key, p) for p in range(P)]
+
     @staticmethod
     def graph_forward(module, params: Params, x):
         """h with the graph to the client parameters: (the leaf views, h)."""
@@ -278,6 +289,15 @@ class NoRoundSteps(RoundSteps):
 
     def batch(self, idx):
         return None, self.ctx.data.y_train[torch.as_tensor(idx, dtype=torch.long)], None
+
+    @staticmethod
+    def next_batch(batches, c):
+        # Only the sample count is priced: the cursor moves on, no permutation is drawn.
+        return None, None, None, batches.next_size(c)
+
+    @staticmethod
+    def zo_seeds(P, *key):
+        return None  # no direction is ever drawn
 
     @staticmethod
     def clone(params):
@@ -401,6 +421,7 @@ class _Exchange:
     y: torch.Tensor
     aux: object
     rec: _ClientRound
+    scale: float  # the minibatch's samples / batch_size (scales the priced FLOPs)
     pairs: list = field(default_factory=list)  # (h+_p, h-_p), filled by the client as it probes
     h_arrived: Optional[simpy.Event] = None
     perturbed: tuple = ()  # arrival events of h+_1, h-_1, h+_2, ...
@@ -457,9 +478,8 @@ class SplitRounds:
 
     def _batch(self, c: int):
         """The next minibatch of client c: (x, y, aux, scale of its priced FLOPs)."""
-        idx = self.state.batches.next(c)
-        x, y, aux = self.t.batch(idx)
-        return x, y, aux, len(idx) / self.cfg.batch_size
+        x, y, aux, n = self.t.next_batch(self.state.batches, c)
+        return x, y, aux, n / self.cfg.batch_size
 
     # ---- timed helpers -----------------------------------------------------------------------
     def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
@@ -535,7 +555,7 @@ class SplitRounds:
             dh, loss = self.t.server_step(parts.server, server, _detach(h), y, cfg, server_buf, aux)
         else:
             # MU-SplitFed with a first-order client: tau steps, then dL/dh from the updated copy.
-            ex = _Exchange(c, r, k, server, server_buf, _detach(h), y, aux, rec)
+            ex = _Exchange(c, r, k, server, server_buf, _detach(h), y, aux, rec, scale)
             yield from self.server_steps(ex)
             busy, queued = yield from sim.serve("server_gradient", fb, c, r)
             rec.server_loss_diff_s += busy
@@ -566,14 +586,15 @@ class SplitRounds:
         yield from sim.compute(c, "client_forward", fwd, r)
         h = self.t.client_activation(parts.client, client, x)
         # Arrival events exist up front, so the server side can look at them at any time.
-        ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, h_arrived=env.event(),
+        ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, scale, h_arrived=env.event(),
                        perturbed=tuple(env.event() for _ in range(2 * P)), scalars=env.event())
         env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived))
         server_proc = env.process(self.server_side(ex))
 
         n = self.client_n
-        seeds = [zo_seed(ctx.seed, "client", r, c, k, p) for p in range(P)]
-        for p, s in enumerate(seeds):
+        seeds = self.t.zo_seeds(P, "client", r, c, k)
+        for p in range(P):
+            s = seeds[p] if seeds is not None else None
             w = self._passes(n, 1, 1)
             yield from sim.compute(c, "client_forward_plus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
             hp = self.t.probe_plus(parts.client, client, x, s, lam, direction)
@@ -599,7 +620,7 @@ class SplitRounds:
     def server_side(self, ex: _Exchange):
         cfg, sim, prof = self.cfg, self.ctx.sim, self.ctx.profile
         P, rec = cfg.zo.perturbations, ex.rec
-        scale = len(ex.y) / cfg.batch_size
+        scale = ex.scale
         rec.h_arrival_s = float((yield ex.h_arrived))
 
         # Line 3: tau local steps on x_s,m, all reusing (h, y); they start as h arrives.
@@ -624,7 +645,7 @@ class SplitRounds:
         ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
         P, lam, rec = cfg.zo.perturbations, cfg.zo.lam, ex.rec
         c, r, k = ex.client, ex.round, ex.step
-        scale = len(ex.y) / cfg.batch_size
+        scale = ex.scale
         n = self.server_n
         if cfg.server_optimizer == "zo":
             w = step_work(n, P, cfg.zo.direction)
@@ -639,7 +660,7 @@ class SplitRounds:
             rec.server_steps_s += busy
             rec.server_queue_s += queued
             if cfg.server_optimizer == "zo":
-                seeds = [zo_seed(ctx.seed, "server", r, c, k, steps, p) for p in range(P)]
+                seeds = self.t.zo_seeds(P, "server", r, c, k, steps)
                 loss = self.t.server_zo_step(ctx.parts.server, ex.server, ex.h, ex.y, seeds, lam, cfg.lr_server,
                                       cfg.zo.direction, ex.aux)
             else:
