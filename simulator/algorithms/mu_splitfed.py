@@ -457,7 +457,7 @@ class SplitRounds:
         self.server_n = num_params(self.state.server_global)
         self.t = NoRoundSteps(ctx) if ctx.timing is not None else RoundSteps(ctx)  # the tensor work
         # One FIFO queue per client uplink: a client sends one message at a time.
-        self.uplinks = [simpy.Resource(ctx.sim.env, capacity=1) for _ in range(ctx.num_clients)]
+        self.uplinks = [ctx.sim.slots(1) for _ in range(ctx.num_clients)]
 
     def evaluate(self, x, y, batch_size):
         st = self.state
