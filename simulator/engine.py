@@ -16,7 +16,7 @@ from typing import Callable, Generator, Optional
 
 import simpy
 from simpy.core import EmptySchedule, StopSimulation
-from simpy.events import PENDING, Event
+from simpy.events import PENDING, URGENT, Event
 
 from simulator.latency import CLIENT_COMPUTE, DOWNLINK, SERVER_COMPUTE, UPLINK, Op, TimeModel
 from simulator.trace import Recorder, Span
@@ -105,6 +105,44 @@ class _SlotRequest(Event):
             self.slots.queue.remove(self)
         if exc_type is not GeneratorExit:  # as Resource: a closed generator releases nothing
             self.slots._release(self)
+
+
+class _QueuedSend:
+    """``Simulation.send_queued`` as callbacks on the events a process would wait for."""
+
+    __slots__ = ("sim", "slots", "client", "direction", "kind", "nbytes", "round", "done", "req", "start", "seq")
+
+    def __init__(self, sim, slots, client, direction, kind, nbytes, round, done):
+        self.sim, self.slots, self.client, self.direction = sim, slots, client, direction
+        self.kind, self.nbytes, self.round, self.done = kind, int(nbytes), round, done
+        env = sim.env
+        begin = Event(env)  # a process's Initialize event: URGENT, now
+        begin._ok, begin._value = True, None
+        begin.callbacks.append(self._begin)
+        env.schedule(begin, URGENT)
+
+    def _begin(self, _event) -> None:
+        self.req = req = self.slots.request()
+        req.callbacks.append(self._granted)
+
+    def _granted(self, _event) -> None:
+        # Simulation._charge up to its timeout.
+        sim, key = self.sim, (self.client, self.direction)
+        seqs = sim._seq
+        self.seq = seq = seqs.get(key, 0)
+        seqs[key] = seq + 1
+        env = sim.env
+        self.start = start = float(env.now)
+        env.timeout(sim._pricers[self.direction](self.kind, self.client, 0.0, self.nbytes, seq, self.round, 0,
+                                                 start)).callbacks.append(self._sent)
+
+    def _sent(self, _event) -> None:
+        # Simulation._charge after its timeout, the end of the ``with`` block, then ``done``.
+        sim = self.sim
+        sim.recorder.add_span(_span(Span, (self.client, self.direction, self.kind, self.round, self.seq, self.start,
+                                           sim.env.now, 0.0, 0.0, self.nbytes, 0)))
+        self.req.__exit__(None, None, None)
+        self.done()
 
 
 class Simulation:
@@ -215,6 +253,26 @@ class Simulation:
         """Fed Server work (averaging client parts): priced at server speed, its own machine."""
         return self._charge(SERVER_COMPUTE, "fed", kind, None, flops, 0, round, 0.0, 0)
 
+    def send_queued(self, slots, client: int, direction: str, kind: str, nbytes: int, round: Optional[int],
+                    done: Callable[[], None]) -> None:
+        """In the background, from now: take one of ``slots`` (a client's uplink), ``send``, give
+        the slot back, then call ``done()``.
+
+        What ``env.process`` of this generator would do, with no process::
+
+            with slots.request() as req:
+                yield req
+                yield from self.send(client, direction, kind, nbytes, round)
+            done()
+
+        The same live events are scheduled in the same order (the process's start as an URGENT
+        event now, the grant, the transfer's timeout, the release); the process's own end,
+        which nothing waits for, is not. ``ReferenceSimulation`` runs it as that process.
+        """
+        if direction not in (UPLINK, DOWNLINK):
+            raise ValueError(f"direction must be {UPLINK!r} or {DOWNLINK!r}, got {direction!r}")
+        _QueuedSend(self, slots, client, direction, kind, nbytes, round, done)
+
     def run(self) -> None:
         """Run the event loop until ``stop`` (or until no event is left).
 
@@ -311,6 +369,15 @@ class ReferenceSimulation(Simulation):
         """SimPy's own ``Environment.run`` (what the inlined loop must match)."""
         if not self.stopping:
             self.env.run(until=self.stopped)
+
+    def send_queued(self, slots, client, direction, kind, nbytes, round, done) -> None:
+        def queued():
+            with slots.request() as req:
+                yield req
+                yield from self.send(client, direction, kind, nbytes, round)
+            done()
+
+        self.env.process(queued())
 
     def _charge(self, category, party, kind, client, flops, nbytes, round, wait_s, rng_elements) -> Generator:
         key = (client, category)

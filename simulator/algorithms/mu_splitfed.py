@@ -482,14 +482,16 @@ class SplitRounds:
         return x, y, aux, n / self.cfg.batch_size
 
     # ---- timed helpers -----------------------------------------------------------------------
-    def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
-        """Queue on client c's uplink, send, then trigger ``arrived`` (value: arrival time)."""
+    def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event) -> None:
+        """From now, in the background: queue on client c's uplink, send, then trigger ``arrived``
+        (value: arrival time). No process of its own (``Simulation.send_queued``)."""
         sim = self.ctx.sim
-        with self.uplinks[c].request() as req:
-            yield req
-            yield from sim.send(c, UPLINK, kind, nbytes, r)
-        rec.bytes_up += nbytes
-        arrived.succeed(sim.now)
+
+        def done():
+            rec.bytes_up += nbytes
+            arrived.succeed(sim.now)
+
+        sim.send_queued(self.uplinks[c], c, UPLINK, kind, nbytes, r, done)
 
     # ---- one client's round ------------------------------------------------------------------
     def client_round(self, c: int, r: int, out: dict):
@@ -521,7 +523,8 @@ class SplitRounds:
         # Client -> Fed Server: x_c,m (a ZO client's uplink may still be in use: it queues).
         if zo_client:
             up_done = sim.env.event()
-            yield sim.env.process(self._upload(c, r, "model_up", prof.client_param_bytes, recs[-1], up_done))
+            self._upload(c, r, "model_up", prof.client_param_bytes, recs[-1], up_done)
+            yield up_done
         else:
             yield from sim.send(c, UPLINK, "model_up", prof.client_param_bytes, r)
             recs[-1].bytes_up += prof.client_param_bytes
@@ -588,7 +591,7 @@ class SplitRounds:
         # Arrival events exist up front, so the server side can look at them at any time.
         ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, scale, h_arrived=env.event(),
                        perturbed=tuple(env.event() for _ in range(2 * P)), scalars=env.event())
-        env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived))
+        self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived)
         server_proc = env.process(self.server_side(ex))
 
         n = self.client_n
@@ -598,11 +601,11 @@ class SplitRounds:
             w = self._passes(n, 1, 1)
             yield from sim.compute(c, "client_forward_plus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
             hp = self.t.probe_plus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p]))
+            self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p])
             w = self._passes(n, 2)
             yield from sim.compute(c, "client_forward_minus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
             hm = self.t.probe_minus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1]))
+            self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1])
             ex.pairs.append((hp, hm))
 
         # Line 5: wait for the P scalars, then the ZO update.
