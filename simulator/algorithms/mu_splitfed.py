@@ -458,6 +458,7 @@ class SplitRounds:
         self.t = NoRoundSteps(ctx) if ctx.timing is not None else RoundSteps(ctx)  # the tensor work
         # One FIFO queue per client uplink: a client sends one message at a time.
         self.uplinks = [ctx.sim.slots(1) for _ in range(ctx.num_clients)]
+        self._pass_costs: dict = {}  # (n, passes, seeds) -> (FLOPs, rng elements): _pass_cost
 
     def evaluate(self, x, y, batch_size):
         st = self.state
@@ -471,6 +472,16 @@ class SplitRounds:
         """The work of ``passes`` in-place passes over n parameters, plus the sphere direction's
         norm pass once per new seed (``zo.pass_work``)."""
         return pass_work(n, passes, seeds if self.cfg.zo.direction == "sphere" else 0)
+
+    def _pass_cost(self, n: int, passes: int, seeds: int = 0) -> tuple[float, int]:
+        """``(self._zo_flops(w), w.rng)`` of ``w = self._passes(n, passes, seeds)``, computed once
+        per run (the per-operation path asks for the same few)."""
+        key = (n, passes, seeds)
+        cost = self._pass_costs.get(key)
+        if cost is None:
+            w = self._passes(n, passes, seeds)
+            cost = self._pass_costs[key] = (self._zo_flops(w), w.rng)
+        return cost
 
     def _zo_flops(self, w: Work) -> float:
         """FLOP-equivalents of a ZO op's elementwise work (``time.zo_elementwise_flops_per_element``)."""
@@ -598,12 +609,12 @@ class SplitRounds:
         seeds = self.t.zo_seeds(P, "client", r, c, k)
         for p in range(P):
             s = seeds[p] if seeds is not None else None
-            w = self._passes(n, 1, 1)
-            yield from sim.compute(c, "client_forward_plus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
+            zo_flops, rng = self._pass_cost(n, 1, 1)
+            yield from sim.compute(c, "client_forward_plus", fwd + zo_flops, r, rng_elements=rng)
             hp = self.t.probe_plus(parts.client, client, x, s, lam, direction)
             self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p])
-            w = self._passes(n, 2)
-            yield from sim.compute(c, "client_forward_minus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
+            zo_flops, rng = self._pass_cost(n, 2)
+            yield from sim.compute(c, "client_forward_minus", fwd + zo_flops, r, rng_elements=rng)
             hm = self.t.probe_minus(parts.client, client, x, s, lam, direction)
             self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1])
             ex.pairs.append((hp, hm))
@@ -614,8 +625,8 @@ class SplitRounds:
         rec.client_wait_s = float(sim.now - probes_done)
         for d in deltas:
             self.t.check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
-        w = self._passes(n, P)
-        yield from sim.compute(c, "client_zo_update", self._zo_flops(w), r, rng_elements=w.rng)
+        zo_flops, rng = self._pass_cost(n, P)
+        yield from sim.compute(c, "client_zo_update", zo_flops, r, rng_elements=rng)
         self.t.client_zo_update(client, seeds, deltas, lam, cfg.lr_client, direction)
         yield server_proc
 
