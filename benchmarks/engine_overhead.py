@@ -136,7 +136,7 @@ def simulated(s, reference=False) -> tuple[float, float, dict]:
     sim.on_round(lambda r: sim.stop("rounds") if r + 1 >= s.stop.rounds else None)
     clock = _Clock()
     sim.env.process(algo.process())
-    sim.env.run(until=sim.stopped)
+    sim.run()  # the event loop as run_scenario runs it (inlined loop, collector settings)
     cpu, wall = clock.read()
     return cpu, wall, {"events": len(rec.events), "sim_time_s": sim.now}
 

@@ -421,7 +421,7 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
         if scenario.stop.sim_time_s is not None:
             env.process(ctl.deadline())
         if not sim.stopping:
-            env.run(until=sim.stopped)
+            sim.run()
         ctl.finish()
     except Exception as e:
         diverged = _diverged_in(e)

@@ -147,6 +147,9 @@ def test_stop_reason_first_wins(tiny_raw):
 _TRACE = "client,start_s,end_s,speed_factor,bandwidth_mbps\n0,0,3,0.5,\n1,1,6,,0.5\n2,0.5,,2,\n"
 _GAS = {"name": "gas", "batch_size": 16, "active_clients": 2, "local_steps": 2, "activation_buffer": 2,
         "model_buffer": 2, "lr_client": 0.05, "lr_server": 0.05}
+_TIES = {"algorithm": {"name": "mu_splitfed", "batch_size": 16, "local_steps": 2, "tau": 2,
+                       "client_optimizer": "zo", "server_optimizer": "fo", "zo": {"perturbations": 2}},
+         "time.client.flops_per_s": 2.0e6, "time.client.delay_s": 0, "time.server.capacity": 2}
 _SCENARIOS = {
     # stragglers: a slowdown, a bandwidth drop and an outage, drawn per-client bandwidths
     "episodes": {"time.episodes": [
@@ -169,6 +172,12 @@ _SCENARIOS = {
                              "time.episodes": [{"kind": "slowdown", "clients": [1], "factor": 5}],
                              "time.client.delay_s": {"dist": "lognormal", "median": 0.05, "sigma": 0.5}},
     "eval_by_sim_time": {"eval": {"every_sim_s": 0.7}, "stop": {"sim_time_s": 3.0, "rounds": None}},
+    # Identical clients, no delays: equal-time events everywhere, so the event loop, the server's
+    # and the uplinks' slot pools must keep SimPy's order of equal-time events exactly.
+    "ties": _TIES,
+    "ties_timing_only": {**_TIES, "timing_only": True},
+    "ties_gas_timing_only": {"algorithm": {**_GAS, "covariance": "diagonal"}, "time.client.flops_per_s": 2.0e6,
+                             "time.client.delay_s": 0, "timing_only": True},
 }
 
 
@@ -248,3 +257,53 @@ def test_events_are_on_disk_at_every_round_end(tiny_raw, tmp_path, monkeypatch):
     assert len(seen) == 3
     for on_disk, recorded in seen:
         assert on_disk == recorded and len(recorded) > 0
+
+
+def _slot_trace(make_pool, seed: int) -> list:
+    """Grant and release times of a random request pattern with many equal-time events."""
+    import random
+
+    rnd = random.Random(seed)
+    env = simpy.Environment()
+    pools = [make_pool(env, cap) for cap in (1, 2, 3)]
+    log = []
+
+    def user(i):
+        for j in range(4):
+            yield env.timeout(rnd.choice((0, 0, 1, 2)))
+            pool = rnd.choice(pools)
+            with pool.request() as req:
+                yield req
+                log.append((env.now, "granted", i, j))
+                yield env.timeout(rnd.choice((0, 1, 1, 3)))
+            log.append((env.now, "released", i, j))
+            if rnd.random() < 0.3:  # a request given up before it is granted (or just after)
+                with pool.request():
+                    yield env.timeout(rnd.choice((0, 1)))
+                log.append((env.now, "gave up", i, j))
+
+    for i in range(12):
+        env.process(user(i))
+    env.run()
+    return log
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_slots_grant_in_simpy_resource_order(seed):
+    """Slots (the run's server and uplinks) schedules what simpy.Resource schedules: the same
+    grants at the same times in the same order, equal-time events included."""
+    from simulator.engine import Slots
+
+    ref = _slot_trace(lambda env, cap: simpy.Resource(env, capacity=cap), seed)
+    fast = _slot_trace(Slots, seed)
+    assert len(ref) > 50 and fast == ref
+
+
+def test_the_run_loop_restores_the_garbage_collector(tiny_raw):
+    """Simulation.run raises the collector's threshold and freezes older objects only while
+    the event loop runs."""
+    import gc
+
+    before = gc.get_threshold(), gc.get_freeze_count()
+    run_scenario(validate(tiny_raw))
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before

@@ -227,6 +227,12 @@ class ClientBatches:
         self.cursor[client] = k + 1
         return self.indices(client, k)
 
+    def next_size(self, client: int) -> int:
+        """``len(self.next(client))`` without drawing the indices (a timing-only run prices the
+        count only): min(B, n), as ``indices`` cuts every batch."""
+        self.cursor[client] = self.cursor.get(client, 0) + 1
+        return min(self.batch_size, len(self.partitions[client]))
+
 
 def batch_tensors(data, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.as_tensor(idx, dtype=torch.long)

@@ -634,7 +634,8 @@ class GAS:
 
     def replace(self, j: int, client: int) -> int:
         """A client drawn uniformly from the inactive ones takes slot j (the same one if none)."""
-        inactive = [c for c in range(self.ctx.num_clients) if c not in self.state.active]
+        active = set(self.state.active)  # a set: the list's membership test cost O(C) per client
+        inactive = [c for c in range(self.ctx.num_clients) if c not in active]
         if inactive:
             g = rng.generator(self.ctx.seed, "algo", "gas_replace", self.state.replacements)
             client = inactive[int(g.integers(len(inactive)))]

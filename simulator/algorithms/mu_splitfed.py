@@ -209,6 +209,17 @@ class RoundSteps:
         x, y = batch_tensors(self.ctx.data, idx, self.ctx.device)
         return x, y, aux_of(self.ctx.parts, x)
 
+    def next_batch(self, batches: ClientBatches, c: int):
+        """Client c's next minibatch: (x, y, aux, its number of samples)."""
+        idx = batches.next(c)
+        x, y, aux = self.batch(idx)
+        return x, y, aux, len(idx)
+
+    def zo_seeds(self, P: int, *key) -> list[int]:
+        """The seeds of the P directions of one ZO op: ``zo_seed(run seed, *key, p)``."""
+        seed = self.ctx.seed
+        return [zo_seed(seed, *key, p) for p in range(P)]
+
     @staticmethod
     def graph_forward(module, params: Params, x):
         """h with the graph to the client parameters: (the leaf views, h)."""
@@ -235,6 +246,15 @@ class NoRoundSteps(RoundSteps):
 
     def batch(self, idx):
         return None, self.ctx.data.y_train[torch.as_tensor(idx, dtype=torch.long)], None
+
+    @staticmethod
+    def next_batch(batches, c):
+        # Only the sample count is priced: the cursor moves on, no permutation is drawn.
+        return None, None, None, batches.next_size(c)
+
+    @staticmethod
+    def zo_seeds(P, *key):
+        return None  # no direction is ever drawn
 
     @staticmethod
     def clone(params):
@@ -358,6 +378,7 @@ class _Exchange:
     y: torch.Tensor
     aux: object
     rec: _ClientRound
+    scale: float  # the minibatch's samples / batch_size (scales the priced FLOPs)
     pairs: list = field(default_factory=list)  # (h+_p, h-_p), filled by the client as it probes
     h_arrived: Optional[simpy.Event] = None
     perturbed: tuple = ()  # arrival events of h+_1, h-_1, h+_2, ...
@@ -393,7 +414,8 @@ class SplitRounds:
         self.server_n = num_params(self.state.server_global)
         self.t = NoRoundSteps(ctx) if ctx.timing is not None else RoundSteps(ctx)  # the tensor work
         # One FIFO queue per client uplink: a client sends one message at a time.
-        self.uplinks = [simpy.Resource(ctx.sim.env, capacity=1) for _ in range(ctx.num_clients)]
+        self.uplinks = [ctx.sim.slots(1) for _ in range(ctx.num_clients)]
+        self._pass_costs: dict = {}  # (n, passes, seeds) -> (FLOPs, rng elements): _pass_cost
 
     def evaluate(self, x, y, batch_size):
         st = self.state
@@ -408,25 +430,36 @@ class SplitRounds:
         norm pass once per new seed (``zo.pass_work``)."""
         return pass_work(n, passes, seeds if self.cfg.zo.direction == "sphere" else 0)
 
+    def _pass_cost(self, n: int, passes: int, seeds: int = 0) -> tuple[float, int]:
+        """``(self._zo_flops(w), w.rng)`` of ``w = self._passes(n, passes, seeds)``, computed once
+        per run (the per-operation path asks for the same few)."""
+        key = (n, passes, seeds)
+        cost = self._pass_costs.get(key)
+        if cost is None:
+            w = self._passes(n, passes, seeds)
+            cost = self._pass_costs[key] = (self._zo_flops(w), w.rng)
+        return cost
+
     def _zo_flops(self, w: Work) -> float:
         """FLOP-equivalents of a ZO op's elementwise work (``time.zo_elementwise_flops_per_element``)."""
         return w.flops(self.ctx.scenario.time.zo_elementwise_flops_per_element)
 
     def _batch(self, c: int):
         """The next minibatch of client c: (x, y, aux, scale of its priced FLOPs)."""
-        idx = self.state.batches.next(c)
-        x, y, aux = self.t.batch(idx)
-        return x, y, aux, len(idx) / self.cfg.batch_size
+        x, y, aux, n = self.t.next_batch(self.state.batches, c)
+        return x, y, aux, n / self.cfg.batch_size
 
     # ---- timed helpers -----------------------------------------------------------------------
-    def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event):
-        """Queue on client c's uplink, send, then trigger ``arrived`` (value: arrival time)."""
+    def _upload(self, c: int, r: int, kind: str, nbytes: int, rec: _ClientRound, arrived: simpy.Event) -> None:
+        """From now, in the background: queue on client c's uplink, send, then trigger ``arrived``
+        (value: arrival time). No process of its own (``Simulation.send_queued``)."""
         sim = self.ctx.sim
-        with self.uplinks[c].request() as req:
-            yield req
-            yield from sim.send(c, UPLINK, kind, nbytes, r)
-        rec.bytes_up += nbytes
-        arrived.succeed(sim.now)
+
+        def done():
+            rec.bytes_up += nbytes
+            arrived.succeed(sim.now)
+
+        sim.send_queued(self.uplinks[c], c, UPLINK, kind, nbytes, r, done)
 
     # ---- one client's round ------------------------------------------------------------------
     def client_round(self, c: int, r: int, out: dict):
@@ -458,7 +491,8 @@ class SplitRounds:
         # Client -> Fed Server: x_c,m (a ZO client's uplink may still be in use: it queues).
         if zo_client:
             up_done = sim.env.event()
-            yield sim.env.process(self._upload(c, r, "model_up", prof.client_param_bytes, recs[-1], up_done))
+            self._upload(c, r, "model_up", prof.client_param_bytes, recs[-1], up_done)
+            yield up_done
         else:
             yield from sim.send(c, UPLINK, "model_up", prof.client_param_bytes, r)
             recs[-1].bytes_up += prof.client_param_bytes
@@ -492,7 +526,7 @@ class SplitRounds:
             dh, loss = self.t.server_step(parts.server, server, _detach(h), y, cfg, server_buf, aux)
         else:
             # MU-SplitFed with a first-order client: tau steps, then dL/dh from the updated copy.
-            ex = _Exchange(c, r, k, server, server_buf, _detach(h), y, aux, rec)
+            ex = _Exchange(c, r, k, server, server_buf, _detach(h), y, aux, rec, scale)
             yield from self.server_steps(ex)
             busy, queued = yield from sim.serve("server_gradient", fb, c, r)
             rec.server_loss_diff_s += busy
@@ -523,22 +557,23 @@ class SplitRounds:
         yield from sim.compute(c, "client_forward", fwd, r)
         h = self.t.client_activation(parts.client, client, x)
         # Arrival events exist up front, so the server side can look at them at any time.
-        ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, h_arrived=env.event(),
+        ex = _Exchange(c, r, k, server, server_buf, h, y, aux, rec, scale, h_arrived=env.event(),
                        perturbed=tuple(env.event() for _ in range(2 * P)), scalars=env.event())
-        env.process(self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived))
+        self._upload(c, r, "activation", act_bytes + int(prof.label_bytes * scale), rec, ex.h_arrived)
         server_proc = env.process(self.server_side(ex))
 
         n = self.client_n
-        seeds = [zo_seed(ctx.seed, "client", r, c, k, p) for p in range(P)]
-        for p, s in enumerate(seeds):
-            w = self._passes(n, 1, 1)
-            yield from sim.compute(c, "client_forward_plus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
+        seeds = self.t.zo_seeds(P, "client", r, c, k)
+        for p in range(P):
+            s = seeds[p] if seeds is not None else None
+            zo_flops, rng = self._pass_cost(n, 1, 1)
+            yield from sim.compute(c, "client_forward_plus", fwd + zo_flops, r, rng_elements=rng)
             hp = self.t.probe_plus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p]))
-            w = self._passes(n, 2)
-            yield from sim.compute(c, "client_forward_minus", fwd + self._zo_flops(w), r, rng_elements=w.rng)
+            self._upload(c, r, "activation_plus", act_bytes, rec, ex.perturbed[2 * p])
+            zo_flops, rng = self._pass_cost(n, 2)
+            yield from sim.compute(c, "client_forward_minus", fwd + zo_flops, r, rng_elements=rng)
             hm = self.t.probe_minus(parts.client, client, x, s, lam, direction)
-            env.process(self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1]))
+            self._upload(c, r, "activation_minus", act_bytes, rec, ex.perturbed[2 * p + 1])
             ex.pairs.append((hp, hm))
 
         # Line 5: wait for the P scalars, then the ZO update.
@@ -547,8 +582,8 @@ class SplitRounds:
         rec.client_wait_s = float(sim.now - probes_done)
         for d in deltas:
             self.t.check_finite(d, "loss difference", round=r, local_step=k, party="server", client=c)
-        w = self._passes(n, P)
-        yield from sim.compute(c, "client_zo_update", self._zo_flops(w), r, rng_elements=w.rng)
+        zo_flops, rng = self._pass_cost(n, P)
+        yield from sim.compute(c, "client_zo_update", zo_flops, r, rng_elements=rng)
         self.t.client_zo_update(client, seeds, deltas, lam, cfg.lr_client, direction)
         yield server_proc
 
@@ -556,7 +591,7 @@ class SplitRounds:
     def server_side(self, ex: _Exchange):
         cfg, sim, prof = self.cfg, self.ctx.sim, self.ctx.profile
         P, rec = cfg.zo.perturbations, ex.rec
-        scale = len(ex.y) / cfg.batch_size
+        scale = ex.scale
         rec.h_arrival_s = float((yield ex.h_arrived))
 
         # Line 3: tau local steps on x_s,m, all reusing (h, y); they start as h arrives.
@@ -581,7 +616,7 @@ class SplitRounds:
         ctx, cfg, sim, prof = self.ctx, self.cfg, self.ctx.sim, self.ctx.profile
         P, lam, rec = cfg.zo.perturbations, cfg.zo.lam, ex.rec
         c, r, k = ex.client, ex.round, ex.step
-        scale = len(ex.y) / cfg.batch_size
+        scale = ex.scale
         n = self.server_n
         if cfg.server_optimizer == "zo":
             w = step_work(n, P, cfg.zo.direction)
@@ -596,7 +631,7 @@ class SplitRounds:
             rec.server_steps_s += busy
             rec.server_queue_s += queued
             if cfg.server_optimizer == "zo":
-                seeds = [zo_seed(ctx.seed, "server", r, c, k, steps, p) for p in range(P)]
+                seeds = self.t.zo_seeds(P, "server", r, c, k, steps)
                 loss = self.t.server_zo_step(ctx.parts.server, ex.server, ex.h, ex.y, seeds, lam, cfg.lr_server,
                                       cfg.zo.direction, ex.aux)
             else:
