@@ -375,8 +375,8 @@ def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Op
     """The profile stored under ``key`` in ``folder`` (default ``cache_dir()``), else ``measure()``,
     stored for next time.
 
-    ``key`` must hold everything the profile depends on (JSON values); the torch version and a
-    digest of the profiling and model code are added here. An entry is checked before it is
+    ``key`` must hold everything the profile depends on (JSON values); the torch version, a
+    digest of the profiling and model code and the ``NON_MATMUL_FLOPS`` prices are added here. An entry is checked before it is
     used (its own checksum, its full key, every field's type): a corrupt or foreign entry is
     logged and measured again, never used. A cache that cannot be written is logged and the
     measured profile returned.
@@ -384,7 +384,8 @@ def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Op
     folder = cache_dir() if folder is None else Path(folder)
     if folder is None:
         return measure()
-    full = {**key, "format": CACHE_FORMAT, "torch": torch.__version__, "code": _code_digest()}
+    full = {**key, "format": CACHE_FORMAT, "torch": torch.__version__, "code": _code_digest(),
+            "non_matmul_flops": dict(NON_MATMUL_FLOPS)}  # the prices as they are now, even if patched
     full = json.loads(_canonical(full))  # the key as it reads back from JSON (tuples -> lists)
     path = folder / f"{hashlib.sha256(_canonical(full).encode()).hexdigest()[:40]}.json"
     try:

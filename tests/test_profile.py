@@ -214,3 +214,32 @@ def test_profile_is_frozen_and_validates_inputs():
         profile_cut(parts, (1, 8, 8), 0)
     with pytest.raises(ValueError, match="input_shape"):
         profile_cut(parts, (1, 0, 8), 4)
+
+
+def test_a_cached_profile_from_before_the_non_matmul_prices_is_not_served(tmp_path, monkeypatch):
+    """An entry written before 2026-12-02 (no server_backward_params_flops, matmul-only counts)
+    is never served: the code digest and CACHE_FORMAT are in the key, and even an entry under
+    the current key with the old field set is rejected (measured again)."""
+    import hashlib
+    import json
+
+    from models import profile as mp
+
+    assert mp.CACHE_FORMAT >= 2
+    parts = split(build_model("small_cnn", 1, 10, (8, 8), seed=0), 1)
+    model = {"name": "small_cnn", "in_channels": 1, "num_classes": 10, "input_hw": [8, 8]}
+    good = mp.cached_profile_cut(parts, (1, 8, 8), B, model=model, folder=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    entry = json.loads(path.read_text())
+    old = dict(entry["profile"])
+    del old["server_backward_params_flops"]
+    old["client_forward_flops"] = _conv(1, 16, 5, 8, 8)  # what FlopCounterMode alone counted
+    entry["profile"] = old
+    entry["checksum"] = hashlib.sha256(mp._canonical([entry["key"], old]).encode()).hexdigest()
+    path.write_text(json.dumps(entry))
+    again = mp.cached_profile_cut(parts, (1, 8, 8), B, model=model, folder=tmp_path)
+    assert again == good and again.client_forward_flops > _conv(1, 16, 5, 8, 8)
+    # A code edit moves the key: the same call then looks for another file.
+    monkeypatch.setattr(mp, "_code_digest", lambda: "an older digest")
+    mp.cached_profile_cut(parts, (1, 8, 8), B, model=model, folder=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2
