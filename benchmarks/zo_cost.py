@@ -14,7 +14,8 @@ other jobs do not inflate by descheduling us; with more threads it is wall time.
    first-order: forward, backward); *measured* is the host-time ratio of the same step
    functions (``simulator.algorithms.mu_splitfed`` and ``splitfed``). Charged / measured within
    0.75-1.25 is the target.
-3. **Per-element prices**, in FLOP-equivalents at the FLOP rate of each model's own
+3. **Per-element prices** (and 4., of the non-matmul ops ``models.profile.NON_MATMUL_FLOPS``
+   prices: max-pooling, ReLU and their backwards), in FLOP-equivalents at the FLOP rate of each model's own
    first-order server step: one N(0, 1) float32 draw (``time.zo_rng_flops_per_element``) and
    one elementwise op over the parameters (an add; ``time.zo_elementwise_flops_per_element``).
 
@@ -22,7 +23,7 @@ other jobs do not inflate by descheduling us; with more threads it is wall time.
 with its elementwise ops on slices of 64K values (before) and of ``zo.SERIAL_ELEMENTS``
 (after), at 1 and 2 threads. Usage:
 
-    python benchmarks/zo_cost.py [--reps 9] [--threads 1] [--threads-table] [--steps-only]
+    python benchmarks/zo_cost.py [--reps 9] [--threads 1] [--threads-table] [--steps-only | --pricing-only]
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.profile import profile_cut  # noqa: E402
+from models.profile import NON_MATMUL_FLOPS, profile_cut  # noqa: E402
 from models.split import split  # noqa: E402
 from models.zoo import build_model  # noqa: E402
 from simulator import zo  # noqa: E402
@@ -48,6 +49,8 @@ from simulator.scenario import ZO_ELEMENTWISE_FLOPS_PER_ELEMENT, ZO_RNG_FLOPS_PE
 
 BATCH = 32
 CASES = (("alexnet", 2), ("small_cnn", 1))
+#: The first pooling input of each model (its conv1 output) at 28x28, without the batch.
+POOL_INPUT = {"alexnet": (32, 28, 28), "small_cnn": (16, 28, 28)}
 
 
 class _Cfg:
@@ -161,6 +164,25 @@ def measure(model: str, cut: int, reps: int) -> dict:
         hh = forward(parts.client, p, x)
         client_backward_step(client, p, hh, torch.ones_like(hh) * 1e-3, _Cfg, {})
 
+    # Table 4: the non-matmul ops FlopCounterMode counts 0, on the model's first pooling input
+    # (the client's conv1 output), through the same aten ops autograd runs.
+    aten = torch.ops.aten
+    pool_in = torch.randn(BATCH, *POOL_INPUT[model], generator=torch.Generator().manual_seed(1))
+    pooled, indices = aten.max_pool2d_with_indices(pool_in, [2, 2], [2, 2])
+    grad_pooled = torch.randn_like(pooled)
+
+    def pool():
+        aten.max_pool2d_with_indices(pool_in, [2, 2], [2, 2])
+
+    def pool_backward():
+        aten.max_pool2d_with_indices_backward(grad_pooled, pool_in, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+
+    def relu():
+        aten.relu(pool_in)
+
+    def relu_backward():
+        aten.threshold_backward(pool_in, pool_in, 0)
+
     def draw():  # generation alone, into kept tensors (the server path's draw)
         zo.draw_direction(ps, 11, "gaussian")
 
@@ -168,17 +190,22 @@ def measure(model: str, cut: int, reps: int) -> dict:
         torch._foreach_add_(flats, ones, alpha=1e-30)
 
     med = timed({"server_zo": server_zo, "server_fo": server_fo, "client_zo": client_zo, "client_fo": client_fo,
-                 "draw": draw, "add": add}, reps)
+                 "draw": draw, "add": add, "pool": pool, "pool_backward": pool_backward, "relu": relu,
+                 "relu_backward": relu_backward}, reps)
     n = prof.server_params
-    rate = (prof.server_forward_flops + prof.server_backward_flops + 2 * n) / med["server_fo"]  # FLOP/s
+    # FLOP/s of server_fo_step, priced as MU-SplitFed charges it (no dL/dh)
+    rate = (prof.server_forward_flops + prof.server_backward_params_flops + 2 * n) / med["server_fo"]
     med["rng_price"] = med["draw"] / n * rate
     med["elementwise_price"] = med["add"] / n * rate
+    for op in ("pool", "pool_backward", "relu", "relu_backward"):  # per element of the pooling input
+        med[f"{op}_price"] = med[op] / pool_in.numel() * rate
+        med[f"{op}_ns"] = med[op] / pool_in.numel() * 1e9
     return med
 
 
 def pricing_table(reps: int) -> list[str]:
     """Table 2 and the per-element prices (Table 3)."""
-    rows, prices = [], []
+    rows, prices, ops = [], [], []
     for model, cut in CASES:
         zo_ = charged(model, cut, "zo", "zo")
         fo = charged(model, cut, "fo", "fo")
@@ -191,8 +218,17 @@ def pricing_table(reps: int) -> list[str]:
             rows.append(f"| {model} cut {cut} | {side} | {c:.2f} | {meas:.2f} | {c / meas:.2f} |")
             print(rows[-1], flush=True)
         prices.append(f"| {model} cut {cut} | {m['rng_price']:.0f} | {m['elementwise_price']:.1f} |")
+        ops.append(f"| {model} cut {cut} | " + " | ".join(
+            f"{m[op + '_ns']:.2f} ns, {m[op + '_price']:.0f} ({NON_MATMUL_FLOPS[aten_op]})"
+            for op, aten_op in (("pool", "max_pool2d_with_indices"),
+                                ("pool_backward", "max_pool2d_with_indices_backward"),
+                                ("relu", "relu"), ("relu_backward", "threshold_backward"))) + " |")
     return rows + ["", "| model (FLOP rate of its first-order server step) | rng draw (FLOP-eq per element) | "
-                       "elementwise op (FLOP-eq per element) |", "|---|---:|---:|"] + prices
+                       "elementwise op (FLOP-eq per element) |", "|---|---:|---:|"] + prices + [
+        "", "Table 4, non-matmul ops per element of the first pooling input: host ns, FLOP-eq at that rate "
+            "(models.profile.NON_MATMUL_FLOPS in parentheses)", "",
+        "| model | max_pool2d_with_indices | its backward | relu | threshold_backward |",
+        "|---|---:|---:|---:|---:|"] + ops
 
 
 def threads_table(reps: int) -> list[str]:
@@ -224,14 +260,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--threads-table", action="store_true", help="also time a client pass at 1 and 2 threads")
     ap.add_argument("--steps-only", action="store_true", help="only table 1 (server step / 2P forwards)")
+    ap.add_argument("--pricing-only", action="store_true", help="skip table 1: only tables 2-4 (pricing)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} clock={'thread CPU' if args.threads == 1 else 'wall'} reps={args.reps} "
           f"time.zo_rng_flops_per_element={ZO_RNG_FLOPS_PER_ELEMENT:g} "
           f"time.zo_elementwise_flops_per_element={ZO_ELEMENTWISE_FLOPS_PER_ELEMENT:g}\n")
-    print("| model | batch | P | regenerating step / 2P forwards (before) | kept step / 2P forwards (after) |")
-    print("|---|---:|---:|---:|---:|")
-    server_step_table(args.reps)
+    if not args.pricing_only:
+        print("| model | batch | P | regenerating step / 2P forwards (before) | kept step / 2P forwards (after) |")
+        print("|---|---:|---:|---:|---:|")
+        server_step_table(args.reps)
     if args.steps_only:
         return
     print("\n| model | side | charged ZO/FO | measured ZO/FO | charged / measured |")

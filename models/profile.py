@@ -13,9 +13,18 @@ user cache) keyed by everything a profile depends on, including the torch versio
 of this code. A profile read from the cache equals the measured one, field for field.
 
 What FlopCounterMode counts (torch 2.x): matmul-like and convolution ops (mm, addmm, bmm,
-convolution and its backward, attention kernels), 2 FLOPs per multiply-add. It does NOT count
-pooling, ReLU, softmax / log-softmax, the loss, bias adds, batch norm or other elementwise ops.
-For the networks here those are a small share; the numbers are a lower bound on arithmetic.
+convolution and its backward, attention kernels), 2 FLOPs per multiply-add. It counts pooling,
+ReLU and every other non-matmul op as 0. On a CPU those are far from free: max-pooling's
+arithmetic is one comparison per input element (k*k per output element, stride k), but
+``max_pool2d_with_indices`` takes about 7-10 ns per input element on the reference CPU
+(torch 2.13.0, one thread), 370-550 FLOP-equivalents at the matmul rate of the same networks,
+and 54-70% of the CNN clients' forward host time. Counting its arithmetic would change nothing;
+so the ops below are priced per element with FLOP-EQUIVALENT constants measured on that CPU
+(``benchmarks/zo_cost.py``, table 4: host time per element times the FLOP rate of the model's
+own first-order server step), added to FlopCounterMode's counts through its
+``custom_mapping`` (``NON_MATMUL_FLOPS``). They are machine figures frozen into the profile
+(part of this file, so part of the cache key); other non-matmul ops (log-softmax, the loss, bias
+adds, batch/layer norm, GELU, softmax) still count 0.
 """
 from __future__ import annotations
 
@@ -63,7 +72,11 @@ class CutProfile:
     server_forward_flops: int
     """Server forward h -> logits, INCLUDING the cross-entropy loss (which counts 0, see top)."""
     server_backward_flops: int
-    """Server backward: gradients of the server parameters AND dL/dh."""
+    """Server backward: gradients of the server parameters AND dL/dh (a step that answers the
+    client: SplitFed's server step, MU-SplitFed's ``server_gradient``)."""
+    server_backward_params_flops: int
+    """Server backward to the server parameter gradients only, h needing no gradient (a server
+    step that sends nothing back: MU-SplitFed's first-order server local steps, GAS's update)."""
     client_param_bytes: int
     """Bytes of all client parameters, in their own dtype (a client model transfer)."""
     server_param_bytes: int
@@ -111,9 +124,48 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+#: FLOP-equivalents per element of the non-matmul ops that dominate a small CNN's host time,
+#: measured on the reference CPU (2-core shared, torch 2.13.0, one thread; 2026-12-02) by
+#: ``benchmarks/zo_cost.py`` table 4: the op's host time per element times the FLOP rate of the
+#: model's first-order server step (the rate the simulator's ``flops_per_s`` stands for), a
+#: round figure between the AlexNet and small-CNN values. Keyed by aten op; the element count
+#: is the op's INPUT (``self``) for pooling and its backward, the tensor for ReLU and its backward.
+#: The arithmetic would be 1 comparison per input element for 2x2/stride-2 max-pooling and 1
+#: per element for ReLU: the host cost is one to two orders of magnitude above that (memory
+#: traffic, the index tensor, the NCHW kernel), so the measured figure is used.
+NON_MATMUL_FLOPS: dict[str, int] = {
+    "max_pool2d_with_indices": 450,           # forward: max and argmax over each window (373-552)
+    "max_pool2d_with_indices_backward": 55,   # zero-fill dL/dx, scatter dL/dy by the indices (42-68)
+    "relu": 30,                               # forward (clamp_min; 18-40)
+    "relu_": 30,
+    "threshold_backward": 20,                 # ReLU's backward: dL/dy where y > 0 (18-20)
+}
+
+
+def _custom_mapping() -> dict:
+    """FlopCounterMode's ``custom_mapping``: the ``NON_MATMUL_FLOPS`` prices by aten op."""
+    aten = torch.ops.aten
+    mapping = {}
+    for name, price in NON_MATMUL_FLOPS.items():
+        arg = 1 if name == "max_pool2d_with_indices_backward" else 0  # (grad_output, self, ...)
+        mapping[getattr(aten, name)] = _per_element_of(price, arg)
+    return mapping
+
+
+def _per_element_of(price: int, arg: int) -> Callable[..., int]:
+    """A FlopCounterMode formula (shapes in): ``price`` times the elements of argument ``arg``."""
+    def formula(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        n = 1
+        for d in args[arg]:
+            n *= int(d)
+        return price * n
+    return formula
+
+
 def _count(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run ``fn`` under a FlopCounterMode; return (FLOPs counted, fn's result)."""
-    with FlopCounterMode(display=False) as counter:
+    """Run ``fn`` under a FlopCounterMode with the non-matmul prices; return (FLOP-equivalents
+    counted, fn's result)."""
+    with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
         result = fn()
     return int(counter.get_total_flops()), result
 
@@ -139,7 +191,10 @@ def profile_cut(
     without the time or memory of one, even for large models.
 
     Backward FLOPs are what autograd really runs: e.g. a first layer whose input needs no
-    gradient costs only its weight gradient (about 1x its forward, not 2x).
+    gradient costs only its weight gradient (about 1x its forward, not 2x). The server backward
+    is measured twice: with dL/dh (``server_backward_flops``) and without
+    (``server_backward_params_flops``, h a constant). Counts include the ``NON_MATMUL_FLOPS``
+    prices (see the top of this module).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -172,6 +227,16 @@ def profile_cut(
         # leaves only, never on the model's parameters.
         server_bwd, _ = _count(loss.backward)
         grad_h = h_server.grad
+        # Again with h needing no gradient: the backward of a server step that sends nothing
+        # back (no dL/dh; e.g. the first layer's input gradient is skipped). Fresh shadow leaves,
+        # so the first pass's gradients are not accumulated into.
+        params_state = _shadow_state(parts.server, dev)
+        h_const = h.detach()
+
+        def server_loss_params_only() -> torch.Tensor:
+            return F.cross_entropy(functional_call(parts.server, params_state, (h_const,)), labels)
+
+        server_params_bwd, _ = _count(server_loss_params_only().backward)
         if h.requires_grad:
             client_bwd, _ = _count(lambda: h.backward(grad_h))
         else:
@@ -189,6 +254,7 @@ def profile_cut(
         client_backward_flops=client_bwd,
         server_forward_flops=server_fwd,
         server_backward_flops=server_bwd,
+        server_backward_params_flops=server_params_bwd,
         client_param_bytes=client_bytes,
         server_param_bytes=server_bytes,
         client_params=client_n,
@@ -221,7 +287,7 @@ def profile_text_cut(parts: TextSplitModel, seq_len: int, batch_size: int) -> Cu
 #: turns the cache off. Unset: $XDG_CACHE_HOME/sflsim, else ~/.cache/sflsim.
 CACHE_ENV = "SFLSIM_CACHE"
 #: Bumped when the entry format changes (older entries are then simply not found).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: server_backward_params_flops and the NON_MATMUL_FLOPS prices
 #: The code a profile depends on: the measurement and the model definitions.
 _PROFILED_CODE = ("profile.py", "split.py", "zoo.py", "text.py", "specs.py")
 
@@ -309,8 +375,8 @@ def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Op
     """The profile stored under ``key`` in ``folder`` (default ``cache_dir()``), else ``measure()``,
     stored for next time.
 
-    ``key`` must hold everything the profile depends on (JSON values); the torch version and a
-    digest of the profiling and model code are added here. An entry is checked before it is
+    ``key`` must hold everything the profile depends on (JSON values); the torch version, a
+    digest of the profiling and model code and the ``NON_MATMUL_FLOPS`` prices are added here. An entry is checked before it is
     used (its own checksum, its full key, every field's type): a corrupt or foreign entry is
     logged and measured again, never used. A cache that cannot be written is logged and the
     measured profile returned.
@@ -318,7 +384,8 @@ def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Op
     folder = cache_dir() if folder is None else Path(folder)
     if folder is None:
         return measure()
-    full = {**key, "format": CACHE_FORMAT, "torch": torch.__version__, "code": _code_digest()}
+    full = {**key, "format": CACHE_FORMAT, "torch": torch.__version__, "code": _code_digest(),
+            "non_matmul_flops": dict(NON_MATMUL_FLOPS)}  # the prices as they are now, even if patched
     full = json.loads(_canonical(full))  # the key as it reads back from JSON (tuples -> lists)
     path = folder / f"{hashlib.sha256(_canonical(full).encode()).hexdigest()[:40]}.json"
     try:

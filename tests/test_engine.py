@@ -15,14 +15,18 @@ from simulator.scenario import validate
 from simulator.trace import Recorder
 
 # MLP on 8x8 digits, cut 1: client = flatten + Linear(64->128) + ReLU; server = Linear(128->64),
-# ReLU, Linear(64->10). Batch B = 16. FlopCounterMode counts matmuls only:
-#   client forward  = 2*16*64*128                  = 262,144 FLOPs
-#   client backward = weight grad only (no dL/dx)  = 262,144
-#   server forward  = 2*16*128*64 + 2*16*64*10     = 282,624
-#   server backward = 2 x forward (weights + input) = 565,248  -> a server step = 847,872
+# ReLU, Linear(64->10). Batch B = 16. FlopCounterMode's matmuls, plus ReLU priced per element
+# (models.profile.NON_MATMUL_FLOPS: 30 forward, 20 backward; since 2026-12-02, which made the
+# client backward shorter than the forward, hence BWD below instead of 1.0 s):
+#   client forward  = 2*16*64*128 + 30*16*128                 = 323,584 FLOP-eq
+#   client backward = weight grad only (no dL/dx) + 20*16*128 = 303,104
+#   server forward  = 2*16*128*64 + 2*16*64*10 + 30*16*64     = 313,344
+#   server backward = 2 x matmuls (weights + input) + 20*16*64 = 585,728 -> a server step = 899,072
 #   client part = 64*128 + 128 = 8,320 params; server part = 128*64 + 64 + 64*10 + 10 = 8,906
-CLIENT_FWD = 262_144
-SERVER_STEP = 847_872
+CLIENT_FWD = 323_584
+CLIENT_BWD = 303_104
+SERVER_STEP = 899_072
+BWD = CLIENT_BWD / CLIENT_FWD  # client 0's backward: 0.93671... s
 
 
 def golden(capacity=1, name="splitfed_v1"):
@@ -58,7 +62,7 @@ def test_profile_matches_the_hand_arithmetic():
 
     prof = profile_cut(split(build_model("mlp", 1, 10, (8, 8), seed=0), 1), (1, 8, 8), 16)
     assert prof.client_forward_flops == CLIENT_FWD
-    assert prof.client_backward_flops == CLIENT_FWD
+    assert prof.client_backward_flops == CLIENT_BWD
     assert prof.server_forward_flops + prof.server_backward_flops == SERVER_STEP
     assert prof.client_params == 8_320 and prof.server_params == 8_906
 
@@ -68,19 +72,20 @@ def test_golden_timeline_v1_with_server_contention():
     r = run_scenario(golden())
     ap = pytest.approx
     # client 0: model_down 0->0.5, forward 0.5->1.5, uplink 1.5->2.0, server 2.0->3.0,
-    #           downlink 3.0->3.5, backward 3.5->4.5, model_up 4.5->5.0
+    #           downlink 3.0->3.5, backward 3.5->3.5+BWD, model_up ->4.0+BWD
     assert _spans(r, 0, "client_forward") == [ap((0.5, 1.5, 0.0))]
     assert _spans(r, 0, "server_step") == [ap((2.0, 3.0, 0.0))]
-    assert _spans(r, 0, "model_up") == [ap((4.5, 5.0, 0.0))]
+    assert _spans(r, 0, "model_up") == [ap((3.5 + BWD, 4.0 + BWD, 0.0))]
     # client 1: forward 0.5->2.0, uplink 2.0->2.5, WAITS for the server 2.5->3.0 (client 0's
-    #           step), server 3.0->4.0, downlink 4.0->4.5, backward 4.5->6.0, model_up 6.0->6.5
+    #           step), server 3.0->4.0, downlink 4.0->4.5, backward 4.5->4.5+1.5*BWD, model_up +0.5
     assert _spans(r, 1, "client_forward") == [ap((0.5, 2.0, 0.0))]
     assert _spans(r, 1, "server_step") == [ap((3.0, 4.0, 0.5))]
-    assert _spans(r, 1, "client_backward") == [ap((4.5, 6.0, 0.0))]
-    assert _spans(r, 1, "model_up") == [ap((6.0, 6.5, 0.0))]
-    # Round end: both averages start at 6.5. Fed Server: 2*8320*(2+1) = 49,920 FLOPs -> 0.058877 s;
-    # Split Server: 2*8906*3 = 53,436 FLOPs -> 0.063023 s. The round ends at 6.5 + 0.063023.
-    end = 6.5 + 53_436 / SERVER_STEP
+    assert _spans(r, 1, "client_backward") == [ap((4.5, 4.5 + 1.5 * BWD, 0.0))]
+    last_up = 5.0 + 1.5 * BWD  # 6.40506...
+    assert _spans(r, 1, "model_up") == [ap((4.5 + 1.5 * BWD, last_up, 0.0))]
+    # Round end: both averages start at last_up. Fed Server: 2*8320*(2+1) = 49,920 FLOPs;
+    # Split Server: 2*8906*3 = 53,436 FLOPs, the longer: the round ends at last_up + 53,436 / SERVER_STEP.
+    end = last_up + 53_436 / SERVER_STEP
     assert r.summary["sim_time_s"] == ap(end)
     assert r.recorder.metrics[-1]["sim_time_s"] == ap(end)
     assert r.recorder.metrics[-1]["round"] == 1
@@ -92,15 +97,15 @@ def test_golden_timeline_unlimited_server():
     """With an unlimited server nobody waits: client 1's step runs 2.5->3.5 and the round is shorter."""
     r = run_scenario(golden(capacity=None))
     assert _spans(r, 1, "server_step") == [pytest.approx((2.5, 3.5, 0.0))]
-    # downlink 3.5->4.0, backward 4.0->5.5, model_up 5.5->6.0, server average +0.063023
-    assert r.summary["sim_time_s"] == pytest.approx(6.0 + 53_436 / SERVER_STEP)
+    # downlink 3.5->4.0, backward 4.0->4.0+1.5*BWD, model_up +0.5, Split Server average
+    assert r.summary["sim_time_s"] == pytest.approx(4.5 + 1.5 * BWD + 53_436 / SERVER_STEP)
 
 
 def test_golden_timeline_v2_has_no_server_average():
     """SplitFed V2 keeps one server model: the round ends after the Fed Server's average only."""
     r = run_scenario(golden(name="splitfed_v2"))
     assert not _spans(r, None, "aggregate_server")
-    assert r.summary["sim_time_s"] == pytest.approx(6.5 + 49_920 / SERVER_STEP)
+    assert r.summary["sim_time_s"] == pytest.approx(5.0 + 1.5 * BWD + 49_920 / SERVER_STEP)
 
 
 def test_v2_server_steps_follow_arrival_order():

@@ -224,10 +224,15 @@ def test_logit_adjusted_gradient_matches_closed_form():
 # --------------------------------------------------------------------------------------------
 # Asynchrony: a golden timeline
 # --------------------------------------------------------------------------------------------
-# MLP on digits, cut 1, B = 16 (tests/test_engine.py has the FLOP counts): client forward =
-# client backward = 262,144 FLOPs; server forward + backward = 847,872 FLOPs.
-CLIENT_FWD = 262_144
-SERVER_STEP = 847_872
+# MLP on digits, cut 1, B = 16 (tests/test_engine.py has the FLOP counts): client forward
+# 323,584 FLOP-eq, client backward 303,104; server forward + backward (with dL/dh) 899,072.
+# Since 2026-12-02 (ReLU priced per element, the server update charged the params-only
+# backward) the client backward is BWD < 1 s and an update of 2 minibatches UPD < 2 s; the
+# timeline keeps its order, its times are written in BWD and UPD.
+CLIENT_FWD = 323_584
+SERVER_STEP = 899_072
+BWD = 303_104 / CLIENT_FWD  # 0.93671 s
+UPD = 2 * (313_344 + 323_584) / SERVER_STEP  # forward + params-only backward, 2 minibatches: 1.41686 s
 
 
 def _golden():
@@ -238,10 +243,10 @@ def _golden():
         "algorithm": {"name": "gas", "batch_size": 16, "active_clients": 2, "local_steps": 3,
                       "activation_buffer": 2, "model_buffer": 1, "generate": False},
         "time": {
-            # client 0: forward 1 s, backward 1 s; client 1 (x 1/4 speed): 4 s each
+            # client 0: forward 1 s, backward BWD; client 1 (x 1/4 speed): 4 s, 4 BWD
             "client": {"flops_per_s": CLIENT_FWD, "delay_s": 0,
                        "tiers": [{"name": "slow", "clients": [1], "speed_factor": 0.25}]},
-            # a dL/dh job = 1 s; a server update on a buffer of 2 minibatches (no generation) = 2 s
+            # a dL/dh job = 1 s; a server update on a buffer of 2 minibatches (no generation) = UPD
             "server": {"flops_per_s": SERVER_STEP, "capacity": 1},
             # uplink 0.5 s, downlink 0.25 s; bytes cost ~1e-10 s
             "network": {"uplink": {"bandwidth_mbps": 1e9, "latency_s": 0.5},
@@ -255,32 +260,34 @@ def _golden():
 def test_golden_async_timeline_follows_arrival_order():
     """Server jobs run in simulated arrival order, updates queue behind gradients; no barrier.
 
-    c0: down 0-.25, fwd .25-1.25, up -1.75, G 1.75-2.75, down -3, bwd -4, fwd -5, up -5.5
-        (server busy with c1's G until 5.75: waits .25) G 5.75-6.75, down -7, bwd -8, fwd -9,
-        up -9.5, G 9.5-10.5 (buffer full: c0, c0 -> U2), down -10.75, bwd -11.75,
-        model_up -12.25, aggregate 12.25 + 33,280/847,872 s = 12.2893 (global iteration 0),
-        replaced by itself (K = C): down -12.539, fwd -13.539, up -14.039, G 14.039-15.039.
+    b = BWD, u = UPD:
+    c0: down 0-.25, fwd .25-1.25, up -1.75, G 1.75-2.75, down -3, bwd -3+b, fwd -4+b, up -4.5+b
+        (server busy with c1's G until 5.75: waits 1.25-b) G 5.75-6.75, down -7, bwd -7+b,
+        fwd -8+b, up -8.5+b, G 8.5+b-9.5+b (buffer full: c0, c0 -> U2), down -9.75+b,
+        bwd -9.75+2b, model_up -10.25+2b, aggregate + 33,280/899,072 s (global iteration 0),
+        replaced by itself (K = C): down +.25, fwd +1, up +.5, G.
     c1: down 0-.25, fwd .25-4.25, up -4.75, G 4.75-5.75 (buffer full: c0, c1 -> U1 asks at
-        5.75, behind c0's request of 5.5), so U1 runs 6.75-8.75 (waited 1.0); down -6,
-        bwd -10, fwd -14, up -14.5, then waits for the server (busy until 15.039).
+        5.75, behind c0's request of 4.5+b), so U1 runs 6.75-6.75+u (waited 1.0); down -6,
+        bwd -6+4b, fwd -10+4b, up -10.5+4b, then waits for the server.
     """
     r = run_scenario(_golden())
     ev = r.events
     g = ev[ev.kind == "server_gradient"]
     agg = 2 * 8320 * 2 / SERVER_STEP
     assert list(g.client) == [0, 1, 0, 0, 0]
-    np.testing.assert_allclose(g.start_s, [1.75, 4.75, 5.75, 9.5, 12.25 + agg + 1.75], atol=1e-6)
-    np.testing.assert_allclose(g.wait_s, [0, 0, 0.25, 0, 0], atol=1e-6)
+    b = BWD
+    np.testing.assert_allclose(g.start_s, [1.75, 4.75, 5.75, 8.5 + b, 10.25 + 2 * b + agg + 1.75], atol=1e-6)
+    np.testing.assert_allclose(g.wait_s, [0, 0, 1.25 - b, 0, 0], atol=1e-6)
     u = ev[ev.kind == "server_update"]
-    np.testing.assert_allclose(u.start_s, [6.75, 10.5], atol=1e-6)
-    np.testing.assert_allclose(u.end_s, [8.75, 12.5], atol=1e-6)
+    np.testing.assert_allclose(u.start_s, [6.75, 9.5 + b], atol=1e-6)
+    np.testing.assert_allclose(u.end_s, [6.75 + UPD, 9.5 + b + UPD], atol=1e-6)
     np.testing.assert_allclose(u.wait_s, [1.0, 0.0], atol=1e-6)
     steps = r.recorder.tables["gas_server_steps"]
     assert [s["clients"] for s in steps] == ["0 1", "0 0"]  # buffers hold arrival order
-    np.testing.assert_allclose([s["trigger_s"] for s in steps], [5.75, 10.5], atol=1e-6)
+    np.testing.assert_allclose([s["trigger_s"] for s in steps], [5.75, 9.5 + b], atol=1e-6)
     it = r.recorder.tables["gas_iterations"]
     assert len(it) == 1 and it[0]["clients"] == "0"
-    assert it[0]["sim_time_s"] == pytest.approx(12.25 + agg, abs=1e-6)
+    assert it[0]["sim_time_s"] == pytest.approx(10.25 + 2 * b + agg, abs=1e-6)
     # c1 computes through c0's whole local run and global iteration: no round barrier.
     c1 = ev[(ev.client == 1) & (ev.kind == "client_backward")]
     np.testing.assert_allclose(c1.start_s, [6.0], atol=1e-6)

@@ -33,7 +33,8 @@ N_C = PROF.client_params  # 8320 client parameters
 N_S = PROF.server_params  # 8906 server parameters
 # Elementwise ops priced at 1 FLOP each (the scenario below): a server ZO step (P = 1) is 2
 # forwards + 6 ops over its parameters (zo.step_work), a client pass 2 ops (zo.pass_work).
-ZO_STEP_FLOPS = 2 * PROF.server_forward_flops + 6 * N_S  # 2*282624 + 6*8906 = 618684
+# (server_forward_flops includes fc2's ReLU, 30 FLOP-eq per element since 2026-12-02: 313344)
+ZO_STEP_FLOPS = 2 * PROF.server_forward_flops + 6 * N_S  # 2*313344 + 6*8906 = 680124
 SERVER_FLOPS_PER_S = 4 * ZO_STEP_FLOPS  # a server ZO step takes exactly 0.25 s
 
 
@@ -98,20 +99,22 @@ def test_golden_timeline_adaptive_tau_with_server_contention():
     res = run_scenario(validate(raw))
     rows = {r["client"]: r for r in res.recorder.tables["client_rounds"]}
 
-    fwd = 1.0                                # 262144 FLOPs at 262144 FLOP/s
-    plus = (PROF.client_forward_flops + 2 * N_C) / PROF.client_forward_flops    # 1.0634765625 s
-    minus = (PROF.client_forward_flops + 4 * N_C) / PROF.client_forward_flops   # 1.126953125 s
-    update = 2 * N_C / PROF.client_forward_flops                                # 0.0634765625 s
-    step = 0.25                              # 618684 / 2474736
-    loss_diff = 2 * PROF.server_forward_flops / SERVER_FLOPS_PER_S              # 0.2284074... s
+    # Figures below: the profile since 2026-12-02 (ReLU priced per element: client forward 323584
+    # FLOP-eq, server forward 313344); the timeline's shape and step counts are unchanged.
+    fwd = 1.0                                # 323584 FLOP-eq at 323584 FLOP/s
+    plus = (PROF.client_forward_flops + 2 * N_C) / PROF.client_forward_flops    # 1.05142405... s
+    minus = (PROF.client_forward_flops + 4 * N_C) / PROF.client_forward_flops   # 1.10284810... s
+    update = 2 * N_C / PROF.client_forward_flops                                # 0.05142405... s
+    step = 0.25                              # 680124 / 2720496
+    loss_diff = 2 * PROF.server_forward_flops / SERVER_FLOPS_PER_S              # 0.23035799... s
     act, lab, model = PROF.activation_bytes, PROF.label_bytes, PROF.client_param_bytes  # 8192, 128, 33280
 
     # Fast clients 0 and 1 (identical timelines):
     #   model down          0        -> L(33280)            = 0.10000026624
     #   forward h           +1                              = 1.10000026624
     #   h (+labels) arrives +L(8320)                        = 1.2000003328
-    #   h+ computed         1.10000026624 + 1.0634765625    = 2.16347682874, arrives +L(8192)
-    #   h- computed         2.16347682874 + 1.126953125     = 3.29042995374, arrives 3.39043001928
+    #   h+ computed         1.10000026624 + 1.05142405063   = 2.15142431687, arrives +L(8192)
+    #   h- computed         2.15142431687 + 1.10284810127   = 3.25427241814, arrives 3.35427248367
     t_h = L(model) + fwd + L(act + lab)
     t_last = L(model) + fwd + plus + minus + L(act)
     assert rows[0]["h_arrival_s"] == pytest.approx(t_h, rel=1e-12)
@@ -119,30 +122,30 @@ def test_golden_timeline_adaptive_tau_with_server_contention():
     # Server (capacity 1): both h arrive at 1.2000003328; client 0 asked first, so steps
     # alternate 0,1,0,1,... each 0.25 s. Client 0's k-th step ends at 1.2000003328 + 0.5k - 0.25,
     # client 1's at 1.2000003328 + 0.5k. Adaptive rule: stop at the first step that ends at or
-    # after 3.39043001928 -> client 0: k = 5 (ends 3.4500003328), client 1: k = 5 (ends 3.7000003328).
+    # after 3.35427248367 -> client 0: k = 5 (ends 3.4500003328), client 1: k = 5 (ends 3.7000003328).
     assert rows[0]["tau_used"] == 5 and rows[1]["tau_used"] == 5
     assert rows[0]["server_idle_s"] == 0 and rows[1]["server_idle_s"] == 0
-    # Client 0's loss differences queue behind client 1's 5th step: they run 3.70..3.92840773,
-    # client 1's right after: 3.92840773..4.15681512. Each sends 4 bytes down (L(4)).
+    # Client 0's loss differences queue behind client 1's 5th step: they run 3.70..3.93035833,
+    # client 1's right after: 3.93035833..4.16071632. Each sends 4 bytes down (L(4)).
     done0 = t_h + 10 * step + loss_diff + L(4) + update + L(model)
     done1 = t_h + 10 * step + 2 * loss_diff + L(4) + update + L(model)
-    assert rows[0]["end_s"] == pytest.approx(done0, rel=1e-12)        # 4.19188...
-    assert rows[1]["end_s"] == pytest.approx(done1, rel=1e-12)        # 4.42029...
+    assert rows[0]["end_s"] == pytest.approx(done0, rel=1e-12)        # 4.18178...
+    assert rows[1]["end_s"] == pytest.approx(done1, rel=1e-12)        # 4.41214...
     assert rows[0]["client_wait_s"] == pytest.approx(t_h + 10 * step + loss_diff + L(4) - (t_last - L(act)))
 
-    # Slow client 2 (4x: forward 4 s, h+ 4.25390625 s, h- 4.5078125 s, update 0.25390625 s):
+    # Slow client 2 (4x: forward 4 s, h+ 4.20569620 s, h- 4.41139241 s, update 0.20569620 s):
     #   h arrives 0.10000026624 + 4 + L(8320) = 4.2000003328, the server is free (client 1's loss
-    #   differences ended at 4.157); last perturbed arrival 0.10000026624 + 4 + 4.25390625
-    #   + 4.5078125 + L(8192) = 12.96171908178; it would take ceil(35.05) = 36 steps: capped at
-    #   tau_max = 10 (ends 6.7000003328), then the server copy idles 6.26171874898 s.
+    #   differences ended at 4.161); last perturbed arrival 0.10000026624 + 4 + 4.20569620
+    #   + 4.41139241 + L(8192) = 12.81708893937; it would take ceil(34.47) = 35 steps: capped at
+    #   tau_max = 10 (ends 6.7000003328), then the server copy idles 6.11708860657 s.
     t_h2 = L(model) + 4 * fwd + L(act + lab)
     t_last2 = L(model) + 4 * (fwd + plus + minus) + L(act)
     assert rows[2]["tau_used"] == 10
     assert rows[2]["server_idle_s"] == pytest.approx(t_last2 - (t_h2 + 10 * step), rel=1e-12)
-    done2 = t_last2 + loss_diff + L(4) + 4 * update + L(model)       # 13.64403...
+    done2 = t_last2 + loss_diff + L(4) + 4 * update + L(model)       # 13.45314...
     assert rows[2]["end_s"] == pytest.approx(done2, rel=1e-12)
     # Round end: Fed Server (2*8320*4 FLOPs) and Split Server (2*8906*4 = 71248 FLOPs) average
-    # in parallel; the longer is the server's: 71248 / 2474736 s. Round time 13.67282... s.
+    # in parallel; the longer is the server's: 71248 / 2720496 s. Round time 13.47933... s.
     round_time = done2 + 2 * N_S * 4 / SERVER_FLOPS_PER_S
     assert res.summary["sim_time_s"] == pytest.approx(round_time, rel=1e-12)
     # Server capacity 1: no two server spans overlap.
@@ -240,14 +243,17 @@ def test_runner_outputs_and_summary_totals(tiny_raw, tmp_path):
 
 
 def test_first_order_server_option_runs_and_prices_a_backward(tiny_raw):
-    """server_optimizer: fo takes first-order steps priced as forward + backward + SGD axpy."""
+    """server_optimizer: fo takes first-order steps priced as forward + backward + SGD axpy; the
+    backward is the params-only one (a local step computes no dL/dh: server_backward_params_flops,
+    since 2026-12-02; it was server_backward_flops, which includes dL/dh)."""
     raw = copy.deepcopy(tiny_raw)
     raw["algorithm"] = {"name": "mu_splitfed", "batch_size": 16, "tau": 2, "server_optimizer": "fo",
                         "lr_server": 0.1}
     res = run_scenario(validate(raw))
     steps = res.events[res.events.kind == "server_fo_step"]
     assert len(steps) == 2 * 2 * 2
-    assert set(steps.flops) == {PROF.server_forward_flops + PROF.server_backward_flops + 2 * N_S}
+    assert set(steps.flops) == {PROF.server_forward_flops + PROF.server_backward_params_flops + 2 * N_S}
+    assert PROF.server_backward_params_flops < PROF.server_backward_flops
     assert all(math.isfinite(r["server_loss"]) for r in res.recorder.tables["client_rounds"])
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from models.text import build_text_model, minilm_path  # noqa: E402
 from simulator.cli import main  # noqa: E402
 from simulator.errors import ScenarioError, UserError  # noqa: E402
-from models.profile import profile_text_cut  # noqa: E402
+from models.profile import NON_MATMUL_FLOPS, profile_text_cut  # noqa: E402
 from simulator.runner import run_scenario  # noqa: E402
 from simulator.scenario import validate  # noqa: E402
 
@@ -111,10 +111,15 @@ def test_text_profile_counts_real_flops_and_the_mask():
     """The cut profile's FLOPs are the hand count of the blocks (attention included), meta = CPU."""
     parts = build_text_model("opt", cut=1, num_classes=2, seed=0, config=TINY_OPT)
     prof = profile_text_cut(parts, MAX_LEN, BATCH)
-    assert prof.client_forward_flops == _expected_tiny_opt_flops(1)
+    # OPT's FFN activation is ReLU, priced per element since 2026-12-02 (models.profile.NON_MATMUL_FLOPS):
+    # forward and backward over the B x L x ffn_dim values of each block.
+    relu_elements = BATCH * MAX_LEN * TINY_OPT["ffn_dim"]
+    relu, relu_bwd = NON_MATMUL_FLOPS["relu"] * relu_elements, NON_MATMUL_FLOPS["threshold_backward"] * relu_elements
+    assert prof.client_forward_flops == _expected_tiny_opt_flops(1) + relu
     head = 2 * BATCH * TINY_OPT["hidden_size"] * 2  # the score layer, 2 classes
-    assert prof.server_forward_flops == _expected_tiny_opt_flops(2) + head
-    assert prof.server_backward_flops == 2 * prof.server_forward_flops
+    server_mm = _expected_tiny_opt_flops(2) + head
+    assert prof.server_forward_flops == server_mm + 2 * relu
+    assert prof.server_backward_flops == 2 * server_mm + 2 * relu_bwd
     assert prof.activation_bytes == 4 * BATCH * MAX_LEN * TINY_OPT["hidden_size"]
     # The same measurement with real tensors on the CPU gives the same numbers.
     from models.profile import profile_cut
@@ -125,7 +130,7 @@ def test_text_profile_counts_real_flops_and_the_mask():
     cpu = profile_cut(SplitModel(parts.client, ServerWithMask(parts.server, mask), 1), (MAX_LEN,),
                       BATCH, input_dtype=torch.long, device="cpu")
     for key in ("client_forward_flops", "client_backward_flops", "server_forward_flops",
-                "server_backward_flops", "activation_bytes"):
+                "server_backward_flops", "server_backward_params_flops", "activation_bytes"):
         assert getattr(cpu, key) == getattr(prof, key), key
 
 

@@ -588,7 +588,8 @@ class GAS:
         """(c) ONE server SGD step on real + generated, queued for the server like any job."""
         sim, cfg, prof = self.ctx.sim, self.cfg, self.ctx.profile
         n = len(job.y)
-        sgd_flops = (prof.server_forward_flops + prof.server_backward_flops) * n / cfg.batch_size
+        # server_sgd_step differentiates w.r.t. the server parameters only (h detached): no dL/dh.
+        sgd_flops = (prof.server_forward_flops + prof.server_backward_params_flops) * n / cfg.batch_size
         start = sim.now
         yield from sim.serve("server_update", job.stats_flops + sgd_flops, None, self.state.iteration)
         loss = self.t.server_sgd_step(self.ctx.parts.server, self.state.server, job.h, job.y, cfg,

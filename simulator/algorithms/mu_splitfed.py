@@ -624,7 +624,8 @@ class SplitRounds:
             flops = 2 * P * prof.server_forward_flops * scale + self._zo_flops(w)
         else:
             kind, rng_elements = "server_fo_step", 0
-            flops = (prof.server_forward_flops + prof.server_backward_flops) * scale + 2 * n
+            # No dL/dh in a local step (h is a constant there): the params-only backward.
+            flops = (prof.server_forward_flops + prof.server_backward_params_flops) * scale + 2 * n
         steps = 0
         while True:
             busy, queued = yield from sim.serve(kind, flops, c, r, rng_elements=rng_elements)
