@@ -233,6 +233,10 @@ def main() -> None:
     print(f"engine alone ({ops} operations, no tensor work): {us['fast']:.2f} us per operation "
           f"({1e6 / us['fast']:,.0f} simulated operations per host second); reference charge path "
           f"{us['reference']:.2f} us ({us['reference'] / us['fast']:.2f}x)")
+    print(f"RESULT engine.{'tiny_mlp' if a.model == 'mlp' else a.model}_overhead = {med['simulated'] / med['bare']:.3f}  "
+          f"simulated run / bare PyTorch loop, thread CPU ({a.model})")
+    print(f"RESULT engine.us_per_op_ratio = {us['fast'] / us['reference']:.3f}  engine alone: us per operation, "
+          f"fast path / the earlier charge path (ReferenceSimulation), SimPy included")
 
 
 if __name__ == "__main__":

@@ -76,12 +76,16 @@ def main() -> None:
     print(f"{'training':<14}{h_train:>10.3f}{ops / h_train:>22,.0f}")
     print(f"{'timing-only':<14}{h_timing:>10.3f}{ops / h_timing:>22,.0f}")
     print(f"ratio training / timing-only: {h_train / h_timing:.1f}x")
+    print(f"RESULT timing_only.speedup_vs_training = {h_train / h_timing:.2f}  host time of training / timing-only, same scenario")
 
     big = scenario(args.large_rounds, args.large_clients, True, participation=1.0, steps=2, test_limit=100)
     host, ops, sim = timed(big)
     print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 local "
           f"steps): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
           f"{ops / host:,.0f} client ops / host s")
+    print(f"RESULT timing_only.client_ops_per_s_{args.large_clients}_clients = {ops / host:.0f}  simulated client "
+          f"operations per host second, timing-only ({args.large_clients * args.large_rounds / host:,.0f} clients x "
+          f"rounds per host second)")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def server_step_table(reps: int) -> list[str]:
                     zo.zo_update_(ps, seeds, coeffs, 1e-9, "gaussian")
 
                 m = timed({"fwd": forwards, "kept": kept, "regen": regenerating}, reps)
+                RATIOS.setdefault("step", []).append(m["kept"] / m["fwd"])
                 rows.append(f"| {model} cut {cut} | {batch} | {P} | {m['regen'] / m['fwd']:.2f} | "
                             f"{m['kept'] / m['fwd']:.2f} |")
                 print(rows[-1], flush=True)
@@ -203,6 +204,9 @@ def measure(model: str, cut: int, reps: int) -> dict:
     return med
 
 
+RATIOS: dict[str, list[float]] = {}  # what the RESULT lines summarise
+
+
 def pricing_table(reps: int) -> list[str]:
     """Table 2 and the per-element prices (Table 3)."""
     rows, prices, ops = [], [], []
@@ -216,6 +220,7 @@ def pricing_table(reps: int) -> list[str]:
         for side, c, meas in (("server step", c_server, m["server_zo"] / m["server_fo"]),
                               ("client iteration", c_client, m["client_zo"] / m["client_fo"])):
             rows.append(f"| {model} cut {cut} | {side} | {c:.2f} | {meas:.2f} | {c / meas:.2f} |")
+            RATIOS.setdefault("pricing", []).append(c / meas)
             print(rows[-1], flush=True)
         prices.append(f"| {model} cut {cut} | {m['rng_price']:.0f} | {m['elementwise_price']:.1f} |")
         ops.append(f"| {model} cut {cut} | " + " | ".join(
@@ -271,6 +276,7 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         server_step_table(args.reps)
     if args.steps_only:
+        _results()
         return
     print("\n| model | side | charged ZO/FO | measured ZO/FO | charged / measured |")
     print("|---|---|---:|---:|---:|")
@@ -282,6 +288,18 @@ def main() -> None:
         print("|---:|---:|---:|")
         threads_table(args.reps)
         torch.set_num_threads(args.threads)
+    _results()
+
+
+def _results() -> None:
+    """The figures benchmarks/all.py collects: the worst case of each table."""
+    if RATIOS.get("step"):
+        print(f"RESULT zo.server_step_vs_2p_forwards_max = {max(RATIOS['step']):.3f}  kept-direction server ZO step / "
+              f"its 2P forwards, worst of {len(RATIOS['step'])} model/batch/P cases")
+    if RATIOS.get("pricing"):
+        print(f"RESULT zo.charged_vs_measured_min = {min(RATIOS['pricing']):.3f}  charged / measured ZO-vs-FO ratio, "
+              f"lowest of {len(RATIOS['pricing'])} (model, side) cases")
+        print(f"RESULT zo.charged_vs_measured_max = {max(RATIOS['pricing']):.3f}  the same, highest")
 
 
 if __name__ == "__main__":
