@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-time a finished run: run the scenario of RUN_DIR with --set time.KEY=VALUE changes and\n"
                     "no tensor work, taking accuracy and losses from RUN_DIR. Writes a complete run folder\n"
                     "(scenario.yaml, events.csv, metrics.csv, client_rounds.csv, summary.json, figure) identical\n"
-                    "to a full training run of the modified scenario except summary.json's host_runtime_s and\n"
-                    "retimed_from. Only for splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated\n"
+                    "to a full training run of the modified scenario except summary.json's host-time fields (host_runtime_s,\n"
+                    "eval_host_s) and retimed_from. Only for splitfed_v1, splitfed_zo and mu_splitfed with a fixed tau, evaluated\n"
                     "by rounds (eval.every_rounds), stopped by rounds (or a target accuracy), and completed\n"
                     "(docs/retime.md). sweep and compare do this on their own for runs that differ only in time.*.",
         epilog="example: sflsim retime runs/base --set time.client.tiers.0.speed_factor=0.1 --out runs/base-slow\n"
