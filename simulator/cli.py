@@ -26,6 +26,8 @@ EPILOG = """examples:
   sflsim run scenarios/quickstart.yaml --out runs/qs --seed 3 --set stop.rounds=5
   sflsim run scenarios/quickstart.yaml --set algorithm.name=splitfed_v2 --set time.server.capacity=null
   sflsim run scenarios/quickstart.yaml --out runs/qs --overwrite
+  sflsim run scenarios/gas_fmnist.yaml --out runs/gas --checkpoint-every 20
+  sflsim resume runs/gas --set stop.rounds=2000
   sflsim verify runs/qs
   sflsim validate scenarios/*.yaml
   sflsim schema > sflsim-scenario.schema.json
@@ -67,6 +69,22 @@ def _add_scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
 
 
+def _checkpoint_every(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rounds >= 1, got {text!r}")
+    return n
+
+
+def _add_checkpoint_arg(p: argparse.ArgumentParser, default: str = "default: none") -> None:
+    p.add_argument("--checkpoint-every", type=_checkpoint_every, default=None, metavar="N",
+                   help="write checkpoint.pt every N rounds (gas: global iterations), at the end and when "
+                        f"interrupted, for sflsim resume ({default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sflsim",
@@ -100,8 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the event timeline with no tensor work (same as --set timing_only=true): events.csv "
                         "as a training run writes it, metrics.csv with the round times and no accuracy, no "
                         "figure; stop.target_accuracy is refused (docs/timing-only.md)")
+    _add_checkpoint_arg(p)
     _add_scenario_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "resume", help="continue an interrupted or stopped run from its checkpoint",
+        description="Continue the run in RUN_DIR from its checkpoint.pt (sflsim run --checkpoint-every N; an\n"
+                    "interrupted run checkpoints its last round end on the way out). The timeline is replayed\n"
+                    "with no tensor work up to the checkpoint's round, checked byte for byte against RUN_DIR's\n"
+                    "files, then training continues from the saved state: the result is the run a straight\n"
+                    "run would have made, except summary.json's host-time fields and resumed_from\n"
+                    "(docs/checkpoint.md). It replaces RUN_DIR when it completes; an interrupted or failed\n"
+                    "resume lands beside it and RUN_DIR stays.",
+        epilog="examples:\n  sflsim resume runs/gas\n  sflsim resume runs/qs --set stop.rounds=40\n"
+               "exit codes: as for run; 2 also when RUN_DIR has no checkpoint, diverged, or --set names a key\n"
+               "outside stop.*, name, description and threads",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run folder with checkpoint.pt")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="stop.KEY=VALUE",
+                   help="a larger stop rule, e.g. --set stop.rounds=40 (repeatable; stop.*, name, description, "
+                        "threads only)")
+    _add_checkpoint_arg(p, "default: the interrupted run's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("validate", help="check scenario files without running them")
     p.add_argument("scenarios", nargs="+", help="scenario YAML files")
@@ -153,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from simulator.runner import divergence_warning_muted, landed_in, run_scenario
+    from simulator.runner import divergence_warning_muted, run_scenario
     from simulator.scenario import load_scenario
 
     overrides = list(args.overrides) + (["timing_only=true"] if args.timing_only else [])
@@ -162,14 +202,30 @@ def cmd_run(args) -> int:
     _preflight_run(scenario, out, getattr(args, "overwrite", False))  # before any output is touched
     try:
         with divergence_warning_muted():  # said below, in one line
-            result = run_scenario(scenario, out, progress=not args.no_progress, overwrite=args.overwrite)
+            result = run_scenario(scenario, out, progress=not args.no_progress, overwrite=args.overwrite,
+                                  checkpoint_every=args.checkpoint_every)
     except KeyboardInterrupt as e:
-        where = landed_in(e)
-        kept = f"what was recorded is in {where}/" if where else "nothing was recorded"
-        if where is not None and where != out:
-            kept += f" ({out}/ is unchanged)"
-        print(f"sflsim: interrupted; {kept}", file=sys.stderr)
-        return _interrupted_code(e)
+        return _interrupted(e, out)
+    return _report_run(result, scenario, out)
+
+
+def _interrupted(e: KeyboardInterrupt, out: Path) -> int:
+    """The line an interrupted run prints, and its exit code."""
+    from simulator.checkpoint import CHECKPOINT
+    from simulator.runner import landed_in
+
+    where = landed_in(e)
+    kept = f"what was recorded is in {where}/" if where else "nothing was recorded"
+    if where is not None and where != out:
+        kept += f" ({out}/ is unchanged)"
+    if where is not None and (where / CHECKPOINT).is_file():
+        kept += f"; continue it with: sflsim resume {where}"
+    print(f"sflsim: interrupted; {kept}", file=sys.stderr)
+    return _interrupted_code(e)
+
+
+def _report_run(result, scenario, out: Path) -> int:
+    """The lines a finished run prints, and its exit code."""
     s = result.summary
     if s.get("status") == "diverged":
         why = str(result.diverged) if result.diverged is not None else "diverged"
@@ -187,6 +243,23 @@ def cmd_run(args) -> int:
     )
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
     return 0
+
+
+def cmd_resume(args) -> int:
+    from simulator.checkpoint import prepare_resume, resumed_scenario
+    from simulator.runner import divergence_warning_muted, resume_run
+
+    out = Path(args.run_dir)
+    scenario = resumed_scenario(out, args.overrides)
+    plan = prepare_resume(out, scenario)  # refusals before anything runs
+    try:
+        with divergence_warning_muted():
+            result = resume_run(out, args.overrides, progress=not args.no_progress,
+                                checkpoint_every=args.checkpoint_every)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, out)
+    print(f"resumed {out} from round {plan.round} (simulated {plan.checkpoint['sim_time_s']:.1f} s)")
+    return _report_run(result, scenario, out)
 
 
 def cmd_retime(args) -> int:

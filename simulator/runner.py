@@ -199,8 +199,10 @@ class _Controller:
     time; their host seconds are summed in ``eval_host_s``.
     """
 
-    def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool):
+    def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool,
+                 checkpointer=None, resume=None, out: Optional[Path] = None):
         self.s, self.sim, self.algo, self.ctx = scenario, sim, algo, ctx
+        self.checkpointer, self.resume, self.out = checkpointer, resume, out
         self.last_eval_key = None
         self.last_acc = float("nan")
         self.eval_host_s = 0.0
@@ -266,6 +268,14 @@ class _Controller:
             self.evaluate()
         if self.s.stop.rounds is not None and done >= self.s.stop.rounds:
             self.sim.stop("rounds")
+        if self.resume is not None and done == self.resume.round:
+            # The replay has reached the checkpoint: check it wrote what the run had, then train on.
+            self.resume.check_replayed(self.out, self.sim)
+            self.resume.load(self.algo)
+            self.algo.set_timing(None)
+            self.resume = None
+        if self.checkpointer is not None and self.resume is None:
+            self.checkpointer.at_round_end(done)
 
     def clock(self):
         """Evaluate every ``eval.every_sim_s`` simulated seconds."""
@@ -285,7 +295,8 @@ class _Controller:
 
 def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = False,
                  overwrite: bool = False, in_place: bool = False,
-                 timing: Optional[TimingOnly] = None) -> RunResult:
+                 timing: Optional[TimingOnly] = None, checkpoint_every: Optional[int] = None,
+                 resume=None) -> RunResult:
     """Run a validated scenario; write outputs to ``out_dir`` (if given) and return the result.
 
     The run is written into ``DIR.partial-<pid>`` beside ``out_dir`` and moved into place when it
@@ -303,23 +314,32 @@ def run_scenario(scenario: Scenario, out_dir: str | Path | None = None, *, progr
 
     ``timing``: run the timeline with no tensor work (also what ``scenario.timing_only``
     asks for); ``simulator.retime`` passes one that replays a finished run's values.
+
+    ``checkpoint_every``: write ``checkpoint.pt`` every that many rounds (GAS: global
+    iterations), at the end, and on the way out of an interrupted run (``simulator.checkpoint``).
+    ``resume``: a ``simulator.checkpoint.Resume`` (``resume_run`` makes it).
     """
     from simulator.preflight import preflight
 
     if timing is None and scenario.timing_only:
         timing = TimingOnly()
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every must be a whole number of rounds >= 1, got {checkpoint_every!r}")
+        if timing is not None:
+            raise UserError("--checkpoint-every: a timing-only or re-timed run has no tensor state to checkpoint")
 
     preflight(scenario)  # files, data roots, sizes, draws: refused before any output is touched
     final = Path(out_dir) if out_dir is not None else None
     if final is None or in_place:
         if final is not None:
             final.mkdir(parents=True, exist_ok=True)
-        result = _execute(scenario, final, final, progress, timing)
+        result = _execute(scenario, final, final, progress, timing, checkpoint_every, resume)
         _verify(result, scenario)
         return result
     partial = rundir.open_run(final, overwrite)
     try:
-        result = _execute(scenario, partial, final, progress, timing)
+        result = _execute(scenario, partial, final, progress, timing, checkpoint_every, resume)
         _verify(result, scenario, final)
     except UserError as e:
         if not getattr(e, "sflsim_recorded", False):  # bad input found in set-up: nothing ran, nothing kept
@@ -385,12 +405,14 @@ def _verify_folder(folder: Path, shown: Path, require_files: bool = True) -> Non
 
 
 def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], progress: bool,
-             timing: Optional[TimingOnly] = None) -> RunResult:
+             timing: Optional[TimingOnly] = None, checkpoint_every: Optional[int] = None,
+             resume=None) -> RunResult:
     """Run the scenario writing into ``out`` (``shown``: the folder named in log lines); with
-    ``timing``, no tensor work (the algorithms' no-op steps)."""
+    ``timing``, no tensor work (the algorithms' no-op steps); with ``resume``, the timeline
+    replayed with no tensor work up to the checkpoint's round, then training from its state."""
     host_start = _time.perf_counter()
     status = "completed"
-    sim = ctx = algo = ctl = recorder = None
+    sim = ctx = algo = ctl = recorder = checkpointer = None
     diverged: Optional[Diverged] = None
     interrupted_by = None
     started = False  # the event loop has the algorithm: what goes wrong now is not bad set-up input
@@ -410,7 +432,13 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
                                                                                           pixels=False)
         ctx.timing = timing
         algo = spec.build(ctx)
-        ctl = _Controller(scenario, sim, algo, ctx, progress)
+        if resume is not None:
+            algo.set_timing(resume.replay)  # no tensor work until the checkpoint's round
+        if checkpoint_every is not None and out is not None:
+            from simulator.checkpoint import Checkpointer
+
+            checkpointer = Checkpointer(out, checkpoint_every, algo, sim, recorder)
+        ctl = _Controller(scenario, sim, algo, ctx, progress, checkpointer, resume, out)
         sim.on_round(ctl.on_round)
         ctl.evaluate()  # the initial model, at time 0
         env = sim.env
@@ -422,6 +450,9 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             env.process(ctl.deadline())
         if not sim.stopping:
             sim.run()
+        if ctl.resume is not None:
+            raise RuntimeError(f"resuming {resume.source}: the run stopped after {sim.rounds_done} rounds, before "
+                               f"the checkpoint's round {resume.round}")
         ctl.finish()
     except Exception as e:
         diverged = _diverged_in(e)
@@ -446,6 +477,8 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
     finally:
         if ctl is not None:
             ctl.close()
+        if checkpointer is not None and status != "diverged":
+            _write_checkpoint(checkpointer)
         if recorder is None:  # interrupted before the recorder existed
             recorder = Recorder(out)
         recorder.close()
@@ -457,11 +490,38 @@ def _execute(scenario: Scenario, out: Optional[Path], shown: Optional[Path], pro
             summary["diverged"] = _jsonable(diverged.info())
         if interrupted_by is not None:
             summary["interrupted_by"] = interrupted_by
+        if checkpointer is not None:
+            summary.update(checkpointer.summary_fields())
+        if resume is not None:
+            summary["resumed_from"] = {"run": str(resume.source), "round": resume.round}
         if out is not None:
             rundir.write_json_atomic(out / rundir.SUMMARY, summary)
             if recorder.metrics and (timing is None or timing.has_values):  # timing-only: no accuracy to plot
                 _plot(out, recorder, scenario)
     return RunResult(summary, recorder, out, algo, diverged)
+
+
+def _write_checkpoint(checkpointer) -> None:
+    """The latest round-end snapshot to disk as the run ends (an error here must not hide the
+    run's own outcome: it is logged)."""
+    try:
+        checkpointer.write()
+    except Exception as e:  # e.g. a full disk
+        log.error("could not write the checkpoint: %s: %s", type(e).__name__, e)
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] = (), *, progress: bool = False,
+               checkpoint_every: Optional[int] = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its ``checkpoint.pt`` (``overrides``: ``stop.*=VALUE``
+    changes, e.g. a larger ``stop.rounds``). The resumed run replaces ``run_dir`` when it completes
+    (an interrupted or failed one lands beside it); it is the straight run, byte for byte,
+    host-time fields and ``resumed_from`` aside (``simulator.checkpoint``)."""
+    from simulator.checkpoint import prepare_resume, resumed_scenario
+
+    scenario = resumed_scenario(run_dir, list(overrides))
+    plan = prepare_resume(run_dir, scenario)
+    every = checkpoint_every if checkpoint_every is not None else int(plan.checkpoint["every"])
+    return run_scenario(scenario, run_dir, progress=progress, overwrite=True, checkpoint_every=every, resume=plan)
 
 
 def _diverged_in(e: BaseException) -> Optional[Diverged]:

@@ -292,9 +292,9 @@ class NoGASSteps(GASSteps):
                 g.factor = None
         return updated
 
-    @staticmethod
-    def top_up(h, y, stats: GaussianStats, batch_size, seed, step, truncate=False) -> TopUp:
-        """The top-up's labels and counts, and the factorisations it would need (one attempt each)."""
+    def top_up(self, h, y, stats: GaussianStats, batch_size, seed, step, truncate=False) -> TopUp:
+        """The top-up's labels and counts, and the factorisations it would need: one attempt each,
+        unless ``ctx.timing`` knows the run's count (a resume's replay); the jitter is unknown (NaN)."""
         keep, needs = top_up_plan(y, stats.num_classes, batch_size, truncate)
         parts_y = [y[keep]]
         out = TopUp(None, y, int(keep.sum()), 0)
@@ -309,6 +309,12 @@ class NoGASSteps(GASSteps):
             parts_y.append(torch.full((need,), c, dtype=y.dtype, device=y.device))
             out.generated += need
         out.y = torch.cat(parts_y)
+        if out.factorised:
+            out.jitter_max = float("nan")
+            known = getattr(self.ctx.timing, "factor_attempts", None)
+            attempts = known(step) if known is not None else None
+            if attempts is not None:
+                out.factor_attempts = attempts
         return out
 
     @staticmethod
@@ -367,10 +373,39 @@ class ServerJob:
 
 
 @dataclass
+class Slot:
+    """Slot j: its client, the client model it trains, and the local iteration in flight.
+
+    The slot's process keeps no tensor in local variables across a yield: what is in flight is
+    here, so a checkpoint can take it and a resume put it back (``GAS.load_checkpoint_state``).
+    ``phase`` says what is in flight: ``idle`` (between iterations), ``batch`` (a minibatch
+    drawn), ``forward`` (h computed), ``gradient`` (a first-order client: dL/dh back; a ZO
+    client: the loss differences back).
+    """
+
+    client: int
+    params: Optional[Params] = None  # the client model being trained (a copy of the global one)
+    buffers: dict = field(default_factory=dict)  # its momentum (client_momentum: per_client)
+    phase: str = "idle"
+    idx: Optional[torch.Tensor] = None  # the minibatch in flight (sample indices)
+    x: Optional[torch.Tensor] = None
+    y: Optional[torch.Tensor] = None
+    p: Optional[Params] = None  # first-order: the leaf views h was computed from (its graph)
+    h: Optional[torch.Tensor] = None
+    dh: Optional[torch.Tensor] = None  # first-order: dL/dh from the server
+    diffs: Optional[list] = None  # zeroth-order: the P loss differences from the server
+
+    def settle(self) -> None:
+        """The local iteration is over: nothing in flight."""
+        self.phase, self.idx, self.x, self.y, self.p, self.h, self.dh, self.diffs = ("idle",) + (None,) * 7
+
+
+@dataclass
 class GASState:
     """Everything GAS carries through time: plain data (the models, buffers and counters).
 
-    ``active`` lists the client of each slot; the slots' processes are rebuilt from it.
+    ``active`` lists the client of each slot; ``slots`` what each slot has in flight;
+    ``jobs`` the server updates prepared and not yet run, by step.
     """
 
     client_global: Params
@@ -391,6 +426,9 @@ class GASState:
     total_weight: float = 1.0  # the code's total_weight_count (weight_growth: code)
     active: list = field(default_factory=list)
     server_losses: list = field(default_factory=list)
+    slots: list = field(default_factory=list)  # Slot per active slot
+    jobs: dict = field(default_factory=dict)  # step -> ServerJob prepared, not yet run
+    factor_attempts: dict = field(default_factory=dict)  # step -> attempts, where a factorisation retried
 
 
 class GAS:
@@ -436,71 +474,169 @@ class GAS:
     def evaluate(self, x, y, batch_size):
         return self.t.evaluate(self.state.client_global, self.state.server, x, y, batch_size)
 
+    # ---- checkpoint and resume (simulator.checkpoint) -----------------------------------------
+    def set_timing(self, timing) -> None:
+        """Swap the tensor work: no-op steps answering from ``timing``, or (None) training steps."""
+        self.ctx.timing = timing
+        self.t = NoGASSteps(self.ctx) if timing is not None else GASSteps(self.ctx)
+
+    def checkpoint_state(self) -> dict:
+        """The state at the end of a global iteration, as plain data: the global models, every
+        slot's client model and iteration in flight, both buffers, the prepared server updates,
+        the statistics and the counters. (A first-order slot's h is recomputed on resume: its
+        graph cannot be saved, and its client model has not changed since the forward.)"""
+        st = self.state
+
+        def tensors(d):
+            return {k: v for k, v in d.items()} if d is not None else None
+
+        return {
+            "iteration": st.iteration,
+            "cursor": {int(k): int(v) for k, v in st.batches.cursor.items()},
+            "client_global": tensors(st.client_global),
+            "server": tensors(st.server),
+            "server_buffers": tensors(st.server_buffers),
+            "shared_client_buffers": tensors(st.shared_client_buffers),
+            "act_buffer": [(_detach(h), y) for h, y, _, _ in st.act_buffer],
+            "model_buffer": [tensors(p) for _, p, _ in st.model_buffer],
+            "slots": [{"client": sl.client, "phase": sl.phase, "params": tensors(sl.params),
+                       "buffers": tensors(sl.buffers), "idx": sl.idx, "h": _detach(sl.h), "dh": sl.dh,
+                       "diffs": sl.diffs} for sl in st.slots],
+            "jobs": {int(k): {"h": j.h, "y": j.y, "jitter_max": j.jitter_max} for k, j in st.jobs.items()},
+            "factor_attempts": {int(k): int(v) for k, v in st.factor_attempts.items()},
+            "stats": {"factorisations": st.stats.factorisations, "failed_factorisations": st.stats.failed_factorisations,
+                      "classes": {int(c): dict(vars(g)) for c, g in st.stats.classes.items()}},
+            "server_losses": list(st.server_losses),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Put a ``checkpoint_state`` back into the running processes' state (in place)."""
+        st, dev, parts = self.state, self.ctx.device, self.ctx.parts
+        if int(state["iteration"]) != st.iteration or state["cursor"] != st.batches.cursor or \
+                [s["client"] for s in state["slots"]] != [sl.client for sl in st.slots] or \
+                [s["phase"] for s in state["slots"]] != [sl.phase for sl in st.slots] or \
+                sorted(state["jobs"]) != sorted(st.jobs):
+            raise RuntimeError(f"resuming: the replay's GAS state at global iteration {st.iteration} is not the "
+                               f"checkpoint's (iteration {state['iteration']}): the timelines differ")
+
+        def on(d):
+            return {k: v.to(dev) for k, v in d.items()} if d is not None else None
+
+        st.client_global, st.server = on(state["client_global"]), on(state["server"])
+        for name in ("server_buffers", "shared_client_buffers"):
+            buf = getattr(st, name)
+            buf.clear()
+            buf.update(on(state[name]))
+        st.act_buffer = [(h.to(dev), y.to(dev), w, c)
+                         for (h, y), (_, _, w, c) in zip(state["act_buffer"], st.act_buffer, strict=True)]
+        st.model_buffer = [(c, on(p), s) for p, (c, _, s) in zip(state["model_buffer"], st.model_buffer, strict=True)]
+        steps = GASSteps(self.ctx)
+        for sl, saved in zip(st.slots, state["slots"]):
+            sl.params, sl.buffers = on(saved["params"]), on(saved["buffers"])
+            if sl.phase == "idle":
+                continue
+            sl.x, sl.y = steps.batch(saved["idx"].numpy())
+            if self.cfg.client_optimizer == "zo":
+                sl.h = saved["h"].to(dev) if saved["h"] is not None else None
+            elif sl.phase in ("forward", "gradient"):
+                sl.p, sl.h = steps.graph_forward(parts.client, sl.params, sl.x)  # its graph, as it was
+            sl.dh = saved["dh"].to(dev) if saved["dh"] is not None else None
+            sl.diffs = saved["diffs"]
+        for k, job in st.jobs.items():
+            saved = state["jobs"][k]
+            job.h, job.y, job.jitter_max = saved["h"].to(dev), saved["y"].to(dev), saved["jitter_max"]
+        st.factor_attempts = dict(state["factor_attempts"])
+        saved = state["stats"]
+        st.stats.factorisations = saved["factorisations"]
+        st.stats.failed_factorisations = saved["failed_factorisations"]
+        st.stats.classes = {c: ClassGaussian(**{k: (v.to(dev) if isinstance(v, torch.Tensor) else v)
+                                                for k, v in g.items()}) for c, g in saved["classes"].items()}
+        st.server_losses = list(state["server_losses"])
+
     # ---- the run ------------------------------------------------------------------------------
     def process(self):
         """Draw the first C clients and start one process per slot, in sorted order."""
         ctx, sim, cfg = self.ctx, self.ctx.sim, self.cfg
         first = rng.generator(ctx.seed, "algo", "gas_initial").choice(ctx.num_clients, cfg.active_clients, replace=False)
         self.state.active = sorted(int(c) for c in first)
-        for j, c in enumerate(list(self.state.active)):
-            sim.env.process(self.client_slot(j, c))
+        self.state.slots = [Slot(c) for c in self.state.active]
+        for j in range(len(self.state.slots)):
+            sim.env.process(self.client_slot(j))
         yield sim.stopped
 
-    def client_slot(self, j: int, client: int):
+    def client_slot(self, j: int):
         """Slot j: its client runs E local iterations, uploads, and is replaced; forever."""
         sim, cfg = self.ctx.sim, self.cfg
         prof = self.ctx.profile
+        slot = self.state.slots[j]
         weight = 1.0  # the code's per-client counter; the first clients start at 1
         while not sim.stopping:
+            client = slot.client
             start_it = self.state.iteration
-            params = self.t.clone(self.state.client_global)  # what the server sends when the download starts
+            slot.params = self.t.clone(self.state.client_global)  # what the server sends when the download starts
+            slot.buffers = {}  # fresh momentum (per_client; shared: state.shared_client_buffers)
             # Fed Server -> client: the global client model.
             yield from sim.send(client, DOWNLINK, "model_down", prof.client_param_bytes, start_it)
-            buffers = self.state.shared_client_buffers if cfg.client_momentum == "shared" else {}
             for _ in range(cfg.steps_for(self.state.batches.batches_per_epoch(client))):
                 if sim.stopping:
                     return
                 if cfg.client_optimizer == "zo":
-                    yield from self.zo_iteration(client, params, weight)
+                    yield from self.zo_iteration(slot, weight)
                 else:
-                    yield from self.fo_iteration(client, params, buffers, weight)
+                    yield from self.fo_iteration(slot, weight)
                 weight += 1.0
                 self.state.client_iterations += 1
             # Client -> Fed Server: the updated client model, into the model buffer.
             yield from sim.send(client, UPLINK, "model_up", prof.client_param_bytes, self.state.iteration)
-            self.state.model_buffer.append((client, params, start_it))
+            self.state.model_buffer.append((client, slot.params, start_it))
+            slot.params = None
             if len(self.state.model_buffer) >= self.q_c:
                 yield from self.aggregate()
             if sim.stopping:
                 return
-            client = self.replace(j, client)
+            slot.client = self.replace(j, client)
             weight = self.state.total_weight
 
+    def _client_buffers(self, slot: Slot) -> dict:
+        return self.state.shared_client_buffers if self.cfg.client_momentum == "shared" else slot.buffers
+
     # ---- one local iteration, first-order (GAS) -----------------------------------------------
-    def fo_iteration(self, client: int, params: Params, buffers: dict, weight: float):
+    def _draw_batch(self, slot: Slot) -> float:
+        """Slot's next minibatch into the slot; returns the scale of its priced FLOPs."""
+        idx = self.state.batches.next(slot.client)
+        slot.idx = torch.as_tensor(idx, dtype=torch.long)
+        slot.x, slot.y = self.t.batch(idx)
+        slot.phase = "batch"
+        return len(idx) / self.cfg.batch_size
+
+    def fo_iteration(self, slot: Slot, weight: float):
+        """Forward, h up, dL/dh down at once, client backward and step (tensors in the slot)."""
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
-        idx = self.state.batches.next(client)
-        scale = len(idx) / cfg.batch_size
-        x, y = self.t.batch(idx)
+        client = slot.client
+        scale = self._draw_batch(slot)
         it = self.state.iteration
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
-        p, h = self.t.graph_forward(ctx.parts.client, params, x)
+        slot.p, slot.h = self.t.graph_forward(ctx.parts.client, slot.params, slot.x)
+        slot.phase = "forward"
         # Client -> Split Server: h and labels.
         yield from sim.send(client, UPLINK, "activation", int((prof.activation_bytes + prof.label_bytes) * scale), it)
         # The server computes dL/dh at once with its CURRENT model (it competes with updates).
         yield from sim.serve("server_gradient",
                              (prof.server_forward_flops + prof.server_backward_flops) * scale, client, it)
-        dh, loss = self.t.la_gradient(ctx.parts.server, self.state.server, _detach(h), y, self.log_priors[client])
+        slot.dh, loss = self.t.la_gradient(ctx.parts.server, self.state.server, _detach(slot.h), slot.y,
+                                           self.log_priors[client])
+        slot.phase = "gradient"
         self.t.check_finite(loss, "client training loss", round=it, local_step=self.state.client_iterations, party="server",
                      client=client)
-        self.store(_detach(h), y, weight, client)
+        self.store(_detach(slot.h), slot.y, weight, client)
         # Split Server -> client: dL/dh; client backward and step.
         yield from sim.send(client, DOWNLINK, "gradient", int(prof.activation_bytes * scale), it)
         yield from sim.compute(client, "client_backward", prof.client_backward_flops * scale, it)
-        self.t.client_fo_step(params, p, h, dh, cfg, buffers)
+        self.t.client_fo_step(slot.params, slot.p, slot.h, slot.dh, cfg, self._client_buffers(slot))
+        slot.settle()
 
     # ---- one local iteration, zeroth-order (MU-SplitFed's GAS variant) ------------------------
-    def zo_iteration(self, client: int, params: Params, weight: float):
+    def zo_iteration(self, slot: Slot, weight: float):
         """h, then P pairs h(x +- lam u) on the same batch; the server returns P loss differences.
 
         The server evaluates the client's logit-adjusted loss at the perturbed activations with
@@ -508,15 +644,15 @@ class GAS:
         ZO-SGD (no momentum, weight decay or clipping on the client), as MU-SplitFed runs it.
         """
         ctx, sim, cfg, prof = self.ctx, self.ctx.sim, self.cfg, self.ctx.profile
-        idx = self.state.batches.next(client)
-        scale = len(idx) / cfg.batch_size
-        x, y = self.t.batch(idx)
+        client = slot.client
+        scale = self._draw_batch(slot)
         it = self.state.iteration
         n_p, lam, direction = cfg.zo.perturbations, cfg.zo.lam, cfg.zo.direction
         n, ew = self.client_n, ctx.scenario.time.zo_elementwise_flops_per_element
         k = self.state.client_iterations
         yield from sim.compute(client, "client_forward", prof.client_forward_flops * scale, it)
-        h = self.t.activation(ctx.parts.client, params, x)
+        slot.h = self.t.activation(ctx.parts.client, slot.params, slot.x)
+        slot.phase = "forward"
         # P probes of 3 in-place passes each (+lam, -2 lam, +lam), plus the sphere's norm pass per seed.
         w = zo.pass_work(n, 3 * n_p, n_p if direction == "sphere" else 0)
         yield from sim.compute(client, "client_zo_probe", 2 * n_p * prof.client_forward_flops * scale + w.flops(ew), it,
@@ -525,21 +661,24 @@ class GAS:
                             int(((1 + 2 * n_p) * prof.activation_bytes + prof.label_bytes) * scale), it)
         # The server evaluates the loss at the 2P perturbed activations with its current model.
         yield from sim.serve("server_zo_eval", 2 * n_p * prof.server_forward_flops * scale, client, it)
-        self.store(h, y, weight, client)
+        self.store(slot.h, slot.y, weight, client)
         server, prior, parts = self.state.server, self.log_priors[client], ctx.parts
+        params, x, y = slot.params, slot.x, slot.y  # no yield until the probes are done
 
         def loss_fn() -> float:  # the split forward: client part on x, server loss on its output
             return la_loss(parts.server, server, forward(parts.client, params, x), y, prior)
 
         seeds = [zo.zo_seed(ctx.seed, "gas", client, k, p) for p in range(n_p)]
-        diffs = self.t.zo_probes(params, loss_fn, lam, seeds, direction)
-        for d in diffs:
+        slot.diffs = self.t.zo_probes(params, loss_fn, lam, seeds, direction)
+        slot.phase = "gradient"
+        for d in slot.diffs:
             self.t.check_finite(d, "loss difference", round=it, local_step=k, party="server", client=client)
         # Split Server -> client: P scalars (fp32); the client regenerates u_p and steps.
         yield from sim.send(client, DOWNLINK, "zo_scalars", 4 * n_p, it)
         w = zo.pass_work(n, n_p)
         yield from sim.compute(client, "client_zo_update", w.flops(ew), it, rng_elements=w.rng)
-        self.t.zo_update(params, seeds, [d / (2 * lam) for d in diffs], cfg.lr_client, direction)
+        self.t.zo_update(slot.params, seeds, [d / (2 * lam) for d in slot.diffs], cfg.lr_client, direction)
+        slot.settle()
 
     # ---- the activation buffer -----------------------------------------------------------------
     def activation_weight(self, weight: float) -> float:
@@ -552,6 +691,7 @@ class GAS:
         if len(self.state.act_buffer) >= self.q_s:
             entries, self.state.act_buffer = self.state.act_buffer, []
             job = self.prepare(entries)
+            self.state.jobs[job.step] = job
             self.ctx.sim.env.process(self.server_update(job))
 
     def prepare(self, entries: list) -> ServerJob:
@@ -569,6 +709,8 @@ class GAS:
             flops += sum(self.state.stats.update_flops(counts[c]) for c in updated)
             if self.state.stats.all_ready():
                 generated = self.t.top_up(h, y, self.state.stats, cfg.batch_size, self.ctx.seed, step, cfg.truncate_to_batch)
+                if generated.factor_attempts != len(generated.factorised):  # retries: a replay must know them
+                    self.state.factor_attempts[step] = generated.factor_attempts
                 flops += generated.factor_attempts * self.state.stats.factor_flops()
                 flops += self.state.stats.sample_flops(generated.generated)
         if generated is None:
@@ -597,6 +739,7 @@ class GAS:
         self.t.check_finite(loss, "server training loss", round=self.state.iteration, local_step=None, party="server")
         self.state.updates_done += 1
         self.state.server_losses.append(loss)
+        del self.state.jobs[job.step]
         sim.recorder.table("gas_server_steps", self.t.row("gas_server_steps", {
             "step": job.step, "trigger_s": job.trigger_s, "start_s": start, "end_s": float(sim.now),
             "iteration": self.state.iteration, "clients": job.clients, "real": job.real,

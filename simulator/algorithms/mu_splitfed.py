@@ -421,6 +421,38 @@ class SplitRounds:
         st = self.state
         return self.t.evaluate(st.client_global, st.server_global, x, y, batch_size)
 
+    # ---- checkpoint and resume (simulator.checkpoint) -----------------------------------------
+    def set_timing(self, timing) -> None:
+        """Swap the tensor work: no-op steps answering from ``timing``, or (None) training steps."""
+        self.ctx.timing = timing
+        self.t = NoRoundSteps(self.ctx) if timing is not None else RoundSteps(self.ctx)
+
+    def checkpoint_state(self) -> dict:
+        """The state at a round end (the barrier: nothing is in flight), as plain data.
+
+        The per-iteration records are not in it: a resume's replay rebuilds them (their timing
+        fields) and summary_extra reads nothing else of them.
+        """
+        st = self.state
+        return {
+            "round": st.round,
+            "client_global": dict(st.client_global),
+            "server_global": dict(st.server_global),
+            "server_buffers": dict(st.server_buffers),
+            "cursor": {int(k): int(v) for k, v in st.batches.cursor.items()},
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Put a ``checkpoint_state`` back (in place: the running process holds ``self.state``)."""
+        st, dev = self.state, self.ctx.device
+        if int(state["round"]) != st.round or state["cursor"] != st.batches.cursor:
+            raise RuntimeError(f"resuming: the replay is at round {st.round} with minibatch cursors "
+                               f"{st.batches.cursor}, the checkpoint at round {state['round']} with {state['cursor']}")
+        st.client_global = {k: v.to(dev) for k, v in state["client_global"].items()}
+        st.server_global = {k: v.to(dev) for k, v in state["server_global"].items()}
+        st.server_buffers.clear()
+        st.server_buffers.update({k: v.to(dev) for k, v in state["server_buffers"].items()})
+
     def steps_for(self, client: int) -> int:
         """Local iterations of ``client`` per round (local_steps, or local_epochs passes)."""
         return self.cfg.steps_for(self.state.batches.batches_per_epoch(client))
