@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                    ["--rounds", "1"]),
     "startup": (["--repeat", "2", "--only", "validate,runs", "--scenarios", "quickstart,straggler_scaling"],
                 ["--repeat", "3"]),
+    "checkpoint_cost": (["--only", "tiny_mlp", "quickstart", "gas_quick"], []),
 }
 
 # figure name -> (target text, test of the value)
@@ -55,6 +56,7 @@ TARGETS: dict[str, tuple[str, object]] = {
     "startup.validate_s": ("<= 1 s", lambda v: v <= 1.0),
     "startup.validate_vs_import_torch": ("< 1 (no torch import)", lambda v: v < 1.0),
     "startup.run_startup_cached_s_max": ("<= 5 s", lambda v: v <= 5.0),
+    "checkpoint.share_max": ("informative (issue 11)", None),
 }
 
 RESULT = re.compile(r"^RESULT\s+(\S+)\s*=\s*([-+0-9.eEinfa]+)\s*(.*)$")

@@ -120,7 +120,8 @@ def main() -> None:
                   f"{resume_s:6.2f} s vs {resumed.summary['host_runtime_s']:.2f} s host")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"RESULT checkpoint_share_max {100 * worst:.2f}% (in-memory snapshots + checkpoint.pt every rounds/4)")
+    print(f"RESULT checkpoint.share_max = {worst:.4f}  of host time: in-memory snapshots + checkpoint.pt every "
+          f"rounds/4")
 
 
 if __name__ == "__main__":

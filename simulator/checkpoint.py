@@ -131,6 +131,10 @@ class Checkpointer:
 def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu") -> dict:
     """The checkpoint of ``run_dir`` (a ``UserError`` naming the file when it is missing or unreadable)."""
     path = Path(run_dir) / CHECKPOINT
+    summary = rundir.read_json(Path(run_dir) / rundir.SUMMARY) or {}
+    if not path.is_file() and summary.get("checkpoint_every") is not None:
+        raise UserError(f"{run_dir} has no {CHECKPOINT}: it ended ({summary.get('status')}) before its first round "
+                        f"did, so there is nothing to resume; run it again")
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CHECKPOINT}: only a run made with --checkpoint-every N can be resumed "
                         f"(an interrupted one checkpoints on its way out)")
