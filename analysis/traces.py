@@ -68,7 +68,7 @@ def find_runs(paths: str | Path | Iterable[str | Path], *, complete_only: bool =
     found: list[Path] = []
     for item in items:
         p = Path(item)
-        if is_run_dir(p):
+        if is_run_dir(p) and not (p / rundir.BATCH_META).is_file():  # a batch.json makes it a batch folder
             found.append(p)
             continue
         runs = p / rundir.RUNS

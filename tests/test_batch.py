@@ -310,3 +310,16 @@ def test_cli_compare_report_and_errors(tmp_path, scenario_file, capsys, monkeypa
     assert "fractions" in err and "unknown algorithm 'nope'" in err
     assert main(["compare", str(cmp), "--out", str(out), "--dry-run"]) == 0
     assert "splitfed_v1-ok-seed3: skip (complete)" in capsys.readouterr().out
+
+
+def test_a_batch_never_writes_into_a_single_runs_folder(tmp_path, scenario_file):
+    """compare/sweep --out DIR where DIR holds a run of `sflsim run` is refused: no mix of a run and a batch."""
+    from simulator.runner import run_scenario
+    from simulator.scenario import load_scenario
+
+    out = tmp_path / "out"
+    run_scenario(load_scenario(scenario_file), out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match="holds a single run"):
+        run_batch(plan_compare(scenario_file, ["splitfed_v1"], "3,"), out, workers=1, threads=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before

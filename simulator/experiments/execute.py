@@ -147,6 +147,10 @@ def run_batch(plan: Plan, out_dir: str | Path, *, workers: Optional[int] = None,
         raise UserError(f"--threads must be >= 1, got {threads}")
     if workers is not None and scheduler:
         raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    single = [f for f in rundir.RUN_FILES if (out / f).is_file()]
+    if single and not (out / rundir.BATCH_META).is_file():
+        raise UserError(f"{out} holds a single run ({single[0]}; sflsim run --out {out}): a batch would mix with it; "
+                        f"give another --out")
     specs = plan.specs
     states = {s.run_id: rundir.run_state(runs_dir, s.run_id, s.fingerprint) for s in specs}
     changed = [rid for rid, st in states.items() if st == "changed"]
