@@ -539,6 +539,60 @@ def add_batch_commands(sub) -> None:
     p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser(
+        "study", help="a whole study: step sizes tuned on validation, experiments, reports (resumable)",
+        description="Run a study file (e.g. scenarios/paper/study.yaml): 1. tuning: its step-size grids,\n"
+                    "evaluated on a validation split, and the best point of each (OUT/selected.yaml);\n"
+                    "2. experiments: its compare/sweep files with each method's selected step sizes; 3. reports.\n"
+                    "Finished runs are reused: run the same command again to continue an interrupted study\n"
+                    "(docs/reproduction.md).",
+        epilog=BATCH_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="study YAML file")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<study file name>)")
+    p.add_argument("--stage", action="append", choices=("tuning", "experiments", "reports"), default=None,
+                   help="run only this stage (repeatable; default: all three in order)")
+    p.add_argument("--only", action="append", default=None, metavar="EXPERIMENT",
+                   help="run only this experiment of the study (repeatable; its tunings still run)")
+    p.add_argument("--workers", type=int, default=None, help="local Dask worker processes (1: in this process)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--dry-run", action="store_true", help="list the tunings and experiments and their runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args) -> int:
+    from simulator.experiments.study import STAGES, load_study, run_study
+
+    study = load_study(args.study)
+    if args.only:
+        missing = [n for n in args.only if n not in study.experiments]
+        if missing:
+            raise UserError(f"--only {missing[0]}: not an experiment of {args.study} "
+                            f"({', '.join(study.experiments)})")
+        keep = {n: e for n, e in study.experiments.items() if n in args.only}
+        study.experiments = keep
+        study.tuning = {n: t for n, t in study.tuning.items() if any(n in e.use for e in keep.values())}
+    out = Path(args.out) if args.out else Path("runs") / Path(args.study).stem
+    if args.dry_run:
+        for t in study.tuning.values():
+            print(f"tuning {t.name}: sweep {t.grid} -> {', '.join(t.apply_to)}")
+        for e in study.experiments.values():
+            print(f"experiment {e.name}: {e.kind} {e.file}" + (f" (step sizes of {', '.join(e.use)})" if e.use else ""))
+        return 0
+    try:
+        result = run_study(study, out, stages=args.stage or STAGES, workers=args.workers, threads=args.threads,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        print(f"sflsim: interrupted; finished runs are kept in {out}/, run the same command again to continue",
+              file=sys.stderr)
+        return _interrupted_code(e)
+    failed = sum(len(b.failed) for b in result["batches"].values())
+    print(f"study {study.name}: done in {out}/ (selections in {out}/selected.yaml)")
+    if failed:
+        print(f"sflsim: {failed} runs failed; re-running the command retries them", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
 
 def _parse_targets(text: Optional[str]) -> Optional[list[float]]:
     if text is None:
