@@ -114,3 +114,15 @@ def test_shipped_study_plans(capsys):
         assert len(plan.specs) >= 15  # 3 seeds of at least 5 methods or points
     for t in study.tuning.values():
         assert plan_sweep(t.grid).specs
+
+
+def test_a_missing_dataset_is_refused_before_anything_runs(study_dir, capsys, monkeypatch):
+    """A study-level set: data.dataset=cifar10 without the files: one line naming where it looked, no output."""
+    monkeypatch.setenv("SFLSIM_DATA", str(study_dir / "nodata"))
+    doc = yaml.safe_load((study_dir / "study.yaml").read_text())
+    doc["set"] = {"data.dataset": "cifar10"}
+    _write(study_dir / "c10.yaml", doc)
+    assert main(["study", str(study_dir / "c10.yaml"), "--out", str(study_dir / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cifar10" in err and "looked in" in err, err
+    assert not (study_dir / "out").exists()

@@ -27,7 +27,9 @@ tuning). A study file:
       c1_hybrid: {compare: c1_hybrid.yaml, use: [hybrid_mu], targets: [0.7, 0.8]}
 
 Paths are relative to the study file. ``keys`` are the grid keys carried over (default: every
-grid key but ``algorithm.name``).
+grid key but ``algorithm.name``). A top-level ``set: {dotted.key: value}`` applies to every run
+of the study, tunings included (``scenarios/paper/study_cifar10.yaml``: the same study on
+CIFAR-10).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from simulator.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STUDY_KEYS = ("name", "description", "tuning", "experiments")
+STUDY_KEYS = ("name", "description", "set", "tuning", "experiments")
 TUNING_KEYS = ("grid", "apply_to", "keys", "seeds")
 EXPERIMENT_KEYS = ("compare", "sweep", "use", "set", "seeds", "targets", "baseline")
 STAGES = ("tuning", "experiments", "reports")
@@ -78,6 +80,7 @@ class Study:
     tuning: dict[str, Tuning] = field(default_factory=dict)
     experiments: dict[str, Experiment] = field(default_factory=dict)
     description: str = ""
+    overrides: tuple[str, ...] = ()  # set: for every run of the study (e.g. data.dataset: cifar10)
 
 
 def _strs(value: Any, where: str) -> tuple[str, ...]:
@@ -105,7 +108,8 @@ def load_study(path: str | Path) -> Study:
     if not p.is_file():
         raise UserError(f"{p}: no such study file")
     doc = _mapping(load_raw(p), str(p), STUDY_KEYS)
-    study = Study(name=str(doc.get("name") or p.stem), path=p, description=str(doc.get("description") or ""))
+    study = Study(name=str(doc.get("name") or p.stem), path=p, description=str(doc.get("description") or ""),
+                  overrides=_set_items(doc.get("set"), "set"))
     tuning = doc.get("tuning") or {}
     if not isinstance(tuning, dict):
         raise UserError(f"{p}: tuning: expected a mapping {{name: {{grid: ..., apply_to: [...]}}}}")
@@ -135,11 +139,20 @@ def load_study(path: str | Path) -> Study:
         for u in use:
             if u not in study.tuning:
                 raise UserError(f"{where}.use: {u!r} is not a tuning of this study ({', '.join(study.tuning) or 'none'})")
-        overrides = tuple(f"{k}={_yaml_value(v)}" for k, v in (e.get("set") or {}).items())
+        overrides = _set_items(e.get("set"), f"{where}.set")
         targets = tuple(float(x) for x in e["targets"]) if "targets" in e else None
         study.experiments[str(name)] = Experiment(str(name), kinds[0], file, use, overrides, e.get("seeds"), targets,
                                                   e.get("baseline"))
     return study
+
+
+def _set_items(mapping: Any, where: str) -> tuple[str, ...]:
+    """``{dotted.key: value}`` as ``--set`` overrides."""
+    if mapping is None:
+        return ()
+    if not isinstance(mapping, dict):
+        raise UserError(f"{where}: expected a mapping {{dotted.key: value}}")
+    return tuple(f"{k}={_yaml_value(v)}" for k, v in mapping.items())
 
 
 def _yaml_value(v: Any) -> str:
@@ -223,6 +236,26 @@ def read_selected(out: Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
+def _preflight(study: Study) -> None:
+    """``simulator.preflight`` on one run of every tuning and experiment (data, files, sizes)."""
+    from simulator.experiments import plan_compare, plan_sweep
+    from simulator.preflight import preflight
+    from simulator.scenario import validate
+
+    plans = [plan_sweep(t.grid, overrides=list(study.overrides), seeds=t.seeds) for t in study.tuning.values()]
+    for e in study.experiments.values():
+        over = list(study.overrides) + list(e.overrides)
+        plans.append(plan_compare(e.file, seeds=e.seeds, overrides=over) if e.kind == "compare"
+                     else plan_sweep(e.file, overrides=over, seeds=e.seeds))
+    seen = set()
+    for plan in plans:
+        for spec in plan.specs:
+            key = (spec.scenario["data"]["dataset"], str(spec.scenario["data"].get("root")), spec.scenario["model"]["name"])
+            if key not in seen:
+                seen.add(key)
+                preflight(validate(spec.scenario))
+
+
 def run_study(study: Study, out: str | Path, *, stages: Sequence[str] = STAGES, workers: Optional[int] = None,
               threads: Optional[int] = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """Run the stages of ``study`` into ``out``; return ``{"selected": ..., "batches": {name: BatchResult}}``."""
@@ -231,13 +264,14 @@ def run_study(study: Study, out: str | Path, *, stages: Sequence[str] = STAGES, 
     from simulator.experiments import plan_compare, plan_sweep, run_batch
 
     out = Path(out)
+    _preflight(study)  # a missing dataset or file: refused before anything runs
     out.mkdir(parents=True, exist_ok=True)
     selected = read_selected(out)
     batches: dict = {}
     if "tuning" in stages:
         for t in study.tuning.values():
             say(f"study {study.name}: tuning {t.name} ({t.grid.name})")
-            plan = plan_sweep(t.grid, seeds=t.seeds)
+            plan = plan_sweep(t.grid, overrides=list(study.overrides), seeds=t.seeds)
             res = run_batch(plan, out / "tuning" / t.name, workers=workers, threads=threads, progress=progress,
                             command=["sflsim", "study", str(study.path)])
             batches[f"tuning/{t.name}"] = res
@@ -259,7 +293,7 @@ def run_study(study: Study, out: str | Path, *, stages: Sequence[str] = STAGES, 
             tmp.replace(out / SELECTED)
     if "experiments" in stages:
         for e in study.experiments.values():
-            overrides = list(e.overrides) + selection_overrides(study, selected, e)
+            overrides = list(study.overrides) + list(e.overrides) + selection_overrides(study, selected, e)
             say(f"study {study.name}: {e.kind} {e.name} ({e.file.name})")
             plan = (plan_compare(e.file, seeds=e.seeds, overrides=overrides) if e.kind == "compare"
                     else plan_sweep(e.file, overrides=overrides, seeds=e.seeds))
