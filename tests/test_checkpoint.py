@@ -195,3 +195,18 @@ def test_a_corrupt_checkpoint_is_a_user_error(straight, tmp_path):
     (copy_ / ckpt_mod.CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable sflsim checkpoint"):
         resume_run(copy_, ["stop.rounds=7"])
+
+
+def test_run_stopped_by_simulated_time_resumes_with_a_later_deadline(tiny_raw, tmp_path):
+    """stop.sim_time_s ends a run mid-round: resume replays to the last checkpoint (a round end
+    before the deadline) and, with a later deadline, gives the straight run."""
+    raw = _raw(tiny_raw, ALGORITHMS["splitfed_v1"], 0)
+    raw["stop"] = {"sim_time_s": 12.0}
+    raw["eval"] = {"every_sim_s": 1.0}
+    run_scenario(validate(raw), tmp_path / "straight", checkpoint_every=3)
+    raw["stop"] = {"sim_time_s": 5.0}
+    run_scenario(validate(raw), tmp_path / "run", checkpoint_every=3)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "sim_time_s" and 1 <= summary["checkpoint_round"] <= summary["rounds"]
+    resume_run(tmp_path / "run", ["stop.sim_time_s=12.0"])
+    same_run(tmp_path / "straight", tmp_path / "run")
