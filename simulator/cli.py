@@ -238,7 +238,8 @@ def _report_run(result, scenario, out: Path) -> int:
         return 0
     acc = s["final_accuracy"]
     print(
-        f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "
+        f"{scenario.name}: {s['algorithm']} reached {s.get('eval_data', 'test')} accuracy {acc:.4f} after "
+        f"{s['rounds']} rounds, "
         f"{s['sim_time_s']:.1f} s simulated ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})"
     )
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
