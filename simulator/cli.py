@@ -530,18 +530,6 @@ def add_batch_commands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
-        "report", help="figures, tables and report.md/.html for a compare or sweep folder",
-        description="Writes DIR/report/: figures/*.png, tables/*.csv and *.md, report.md and report.html.")
-    p.add_argument("dir", help="a compare or sweep output folder (or one run folder)")
-    p.add_argument("--targets", default=None, metavar="A1,A2",
-                   help="test-accuracy targets as fractions, e.g. 0.7,0.8 (default: the scenario's "
-                        "stop.target_accuracy and the highest multiple of 0.05 every run reached)")
-    p.add_argument("--baseline", default=None, help="the row speed-ups and paired differences are against "
-                                                    "(an algorithm name or a row label; default: the first)")
-    p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser(
         "select", help="the best grid point per algorithm of a sweep evaluated on a validation split",
         description="Per algorithm (and variant), the grid point with the best mean METRIC over its seeds. A point "
                     "with a diverged, failed or unfinished seed is never chosen; ties go to the point planned "
@@ -555,6 +543,18 @@ def add_batch_commands(sub) -> None:
     p.add_argument("--allow-test", action="store_true",
                    help="select on runs that evaluated on the test set (exploring only: that tunes on test)")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser(
+        "report", help="figures, tables and report.md/.html for a compare or sweep folder",
+        description="Writes DIR/report/: figures/*.png, tables/*.csv and *.md, report.md and report.html.")
+    p.add_argument("dir", help="a compare or sweep output folder (or one run folder)")
+    p.add_argument("--targets", default=None, metavar="A1,A2",
+                   help="test-accuracy targets as fractions, e.g. 0.7,0.8 (default: the scenario's "
+                        "stop.target_accuracy and the highest multiple of 0.05 every run reached)")
+    p.add_argument("--baseline", default=None, help="the row speed-ups and paired differences are against "
+                                                    "(an algorithm name or a row label; default: the first)")
+    p.add_argument("--out", default=None, help="report folder (default: DIR/report)")
+    p.set_defaults(func=cmd_report)
 
 
 def _parse_targets(text: Optional[str]) -> Optional[list[float]]:
