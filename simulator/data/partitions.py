@@ -98,8 +98,9 @@ def hold_out(labels: np.ndarray, size: int, rng: np.random.Generator) -> tuple[n
     left = counts - np.array([int(np.count_nonzero(y[held] == k)) for k in classes])
     empty = [int(k) for k, c in zip(classes, left) if c == 0]
     if empty:
-        raise ValidationSplitError(f"{size:,} of the {n:,} training samples would leave class(es) "
-                                   f"{', '.join(map(str, empty[:10]))} with no training sample; give fewer")
+        raise ValidationSplitError(f"{size:,} of the {n:,} training samples would take every training sample of "
+                                   f"class(es) {', '.join(map(str, empty[:10]))} (the split holds each class in "
+                                   "proportion, and at least one of each); give fewer")
     mask = np.ones(n, dtype=bool)
     mask[held] = False
     return np.flatnonzero(mask).astype(np.int64), held
