@@ -278,7 +278,7 @@ def cmd_retime(args) -> int:
         return _interrupted_code(e)
     s = result.summary
     print(f"{scenario.name}: {s['algorithm']} re-timed from {args.run_dir}: {s['rounds']} rounds, "
-          f"{s['sim_time_s']:.1f} s simulated (test accuracy {s['final_accuracy']:.4f}; "
+          f"{s['sim_time_s']:.1f} s simulated ({s.get('eval_data', 'test')} accuracy {s['final_accuracy']:.4f}; "
           f"{s['host_runtime_s']:.1f} s on this machine)")
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
     return 0
