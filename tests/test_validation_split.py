@@ -106,6 +106,37 @@ def test_split_is_keyed_by_seed_and_independent_of_train_limit():
     assert len(c.y_test) == 100
 
 
+def test_file_datasets_never_read_the_test_split(tmp_path, monkeypatch):
+    """IDX (whole splits parsed) and PNG folders (only kept files decoded): the split comes out of
+    train; a test file that cannot be parsed is never touched."""
+    from simulator.data import locate
+    from tests.test_data import _write_idx_set, _write_png
+
+    monkeypatch.delenv("SFLSIM_DATA", raising=False)
+    monkeypatch.setattr(locate, "DEBIAN_DATASETS_DIR", tmp_path / "no-debian")
+    clear_cache()
+    try:
+        arrays = _write_idx_set(tmp_path / "fashion-mnist", n_train=40, n_test=10, gz=False)
+        (tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte").write_bytes(b"not an IDX file")
+        ds = load_dataset("fashion_mnist", tmp_path, validation=10, seed=2)
+        kept, held = train_selection(arrays["train-labels"].astype(np.int64), None, 10, "fashion_mnist", 2)
+        assert ds.eval_data == "validation" and ds.y_test.tolist() == arrays["train-labels"][held].tolist()
+        assert sorted(ds.y_test.tolist()) == list(range(10)) and len(ds.y_train) == 30
+        root = tmp_path / "cinic" / "CINIC-10"
+        for cls in ("a", "b", "c"):
+            for i in range(4):
+                _write_png(root / "train" / cls / f"{i}.png", np.full((32, 32, 3), 10 * i, np.uint8))
+            (root / "test" / cls).mkdir(parents=True)
+            (root / "test" / cls / "0.png").write_bytes(b"not a PNG")
+        png = load_dataset("cinic10", tmp_path / "cinic", validation=3, seed=2)
+        assert png.eval_data == "validation" and sorted(png.y_test.tolist()) == [0, 1, 2]
+        assert len(png.y_train) == 9
+        again = load_dataset("cinic10", tmp_path / "cinic", validation=3, seed=2)  # from the cache: the same
+        assert again.x_test.equal(png.x_test) and again.x_train.equal(png.x_train)
+    finally:
+        clear_cache()
+
+
 def _context(raw):
     s = validate(raw)
     sim = Simulation(build_time_model(s.time, s.data.num_clients, s.seed), Recorder(None), 1)
