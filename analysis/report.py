@@ -3,8 +3,11 @@
 ``write_report(DIR)`` loads every finished run under ``DIR`` (``analysis.traces``), builds the
 tables (``analysis.tables``) and figures (``analysis.plots``) and writes them to ``DIR/report/``:
 ``figures/*.png``, ``tables/*.csv`` and ``*.md``, ``report.md`` (figures linked) and
-``report.html`` (the same content, figures embedded, one self-contained file). It never runs a
-simulation and never changes the runs it reads.
+``report.html`` (the same content, figures embedded, one self-contained file). Runs that
+evaluated on a validation split (``data.validation``) are labelled so wherever an accuracy is
+shown, and for a grid of them the best point per algorithm (``analysis.select``) is a section
+of the report and ``selection.json``. It never runs a simulation and never changes the runs it
+reads.
 """
 from __future__ import annotations
 
@@ -193,6 +196,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     chosen = list(targets) if targets else default_targets(per_run, [t for t in scen_targets if t])
     per_run = per_run_table(runs, chosen, summaries)
     summary = summary_table(per_run, chosen, baseline, diverged=diverged)
+    data = _eval_data(summaries)  # "test", "validation" or "test or validation"
     paired = paired_table(per_run, chosen, baseline)
     base_label = summary.attrs.get("baseline")
 
@@ -220,7 +224,7 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
           + f". Baseline for speed-ups and paired differences: `{base_label}`.")
     doc.table(fsum, "Per row: mean ± 95% CI half-width over seeds (Student t). Time and rounds to a target are "
                     "averaged over the seeds that reached it; (k/n) says how many did. Speed-up = baseline's "
-                    "mean time to target / the row's. " + _eval_note(runs))
+                    "mean time to target / the row's. " + _eval_note(runs, data=data))
     if len(diverged):
         doc.p(f"Excluded from means and CIs: {len(diverged)} diverged run(s) ("
               + ", ".join(f"`{r}`" for r in diverged["run_id"]) + "); the column `diverged` counts them per row "
@@ -236,21 +240,24 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     band_text = "a 95% CI band (Student t)" if band == "ci" else "a band from the lowest to the highest seed"
     fig, ax = plots.new_figure(7.5, 4.5)
     plots.plot_mean_accuracy_vs_time(ax, runs, targets=chosen, band=band)
-    ax.set_title("test accuracy vs simulated time (mean over seeds)")
+    ax.set_ylabel(f"{data} accuracy (%)")
+    ax.set_title(f"{data} accuracy vs simulated time (mean over seeds)")
     _save(fig, fig_dir / "accuracy_vs_time.png")
     doc.img(fig_dir / "accuracy_vs_time.png", "figures/accuracy_vs_time.png",
-            f"Test accuracy vs simulated wall-clock time: mean over seeds with {band_text}. Each seed is "
-            "interpolated linearly between evaluations; a run that ended earlier holds its last value (dashed "
-            "part: some seeds have ended). Dotted: the targets. " + _eval_note(runs, figure=True))
+            f"{data.capitalize()} accuracy vs simulated wall-clock time: mean over seeds with {band_text}. Each "
+            "seed is interpolated linearly between evaluations; a run that ended earlier holds its last value "
+            "(dashed part: some seeds have ended). Dotted: the targets. " + _eval_note(runs, figure=True, data=data))
     fig, ax = plots.new_figure(7.5, 4.5)
     plots.plot_accuracy_vs_rounds(ax, runs, targets=chosen, band=band)
-    ax.set_title("test accuracy vs rounds (mean over seeds)")
+    ax.set_ylabel(f"{data} accuracy (%)")
+    ax.set_title(f"{data} accuracy vs rounds (mean over seeds)")
     _save(fig, fig_dir / "accuracy_vs_rounds.png")
     doc.img(fig_dir / "accuracy_vs_rounds.png", "figures/accuracy_vs_rounds.png",
-            f"Test accuracy vs rounds (global iterations) at the evaluated rounds, mean over seeds with {band_text}. "
-            + _eval_note(runs, figure=True))
+            f"{data.capitalize()} accuracy vs rounds (global iterations) at the evaluated rounds, mean over seeds "
+            f"with {band_text}. " + _eval_note(runs, figure=True, data=data))
 
-    _heatmaps(doc, summary, by, chosen, fig_dir)
+    _heatmaps(doc, summary, by, chosen, fig_dir, data)
+    selection = _selection(doc, src, out, data, runs.attrs.get("params") or [])
     _timelines(doc, runs, by, fig_dir)
 
     doc.h(2, "Tables")
@@ -261,14 +268,18 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
         "[tables/paired.csv](tables/paired.csv): paired differences against the baseline",
         "[tables/per_run.csv](tables/per_run.csv): one line per run (the numbers the other tables average)",
     ] + (["[tables/diverged.csv](tables/diverged.csv): the runs that diverged, and where (in no other table's "
-          "means)"] if len(diverged) else []))
+          "means)"] if len(diverged) else [])
+      + (["[selection.json](selection.json): the best grid point per algorithm on the validation split, and the "
+          "`--set` items that pass it to `sflsim compare`"] if selection else []))
     doc.h(2, "Method")
     doc.ul([
         "Which evaluations: during training each run evaluates on a fixed, class-stratified subset of the test "
         "set (`eval.subset`, drawn from the seed alone, so every algorithm with the same seed sees the same "
         "samples); at its end, once on the full test set. Curves, time and rounds to target, best accuracy "
         "and `stop.target_accuracy` use the training-time evaluations; final accuracy is the full-set one "
-        "(metrics.csv column `eval_set`). Evaluation takes no simulated time.",
+        "(metrics.csv column `eval_set`). Evaluation takes no simulated time. Runs with `data.validation` "
+        "evaluate on samples held out of the training set instead of the test set, which they never read "
+        "(`eval_data` in summary.json and in the tables).",
         "Time to target: simulated time of the first evaluation whose test accuracy is at least the target "
         "(resolution: the evaluation schedule). Rounds to target: the round count at that evaluation.",
         "Means and 95% confidence intervals are over seeds, with Student's t (n − 1 degrees of freedom); no "
@@ -284,19 +295,53 @@ def write_report(batch_dir: str | Path, targets: Optional[Sequence[float]] = Non
     return md
 
 
-def _eval_note(runs: pd.DataFrame, figure: bool = False) -> str:
-    """One sentence on which test samples the numbers come from (``eval_set``/``eval_samples``)."""
+def _eval_data(summaries: pd.DataFrame) -> str:
+    """What the runs evaluated on: ``test``, ``validation`` (``data.validation``) or ``test or validation``."""
+    seen = set(summaries["eval_data"].dropna()) if "eval_data" in summaries.columns else set()
+    if seen == {"validation"}:
+        return "validation"
+    return "test or validation" if len(seen) > 1 else "test"
+
+
+def _selection(doc: _Doc, src: Path, out: Path, data: str, params: Sequence[str]) -> bool:
+    """For a grid evaluated on validation: the best point per algorithm (``analysis.select``), as a
+    section and ``selection.json``; False (and no file) otherwise."""
+    from analysis.select import select_points
+
+    (out / "selection.json").unlink(missing_ok=True)
+    if data != "validation" or not [k for k in params if k != "algorithm.name"]:
+        return False
+    sel = select_points(src)
+    sel.write(out / "selection.json")
+    doc.h(2, "Selection on the validation split")
+    doc.p(f"The grid point with the best mean final validation accuracy over its seeds "
+          f"({sel.eval_samples or '?'} validation samples held out of the training set), per algorithm. A point "
+          "with a diverged, failed or unfinished seed is never selected; ties go to the point planned first "
+          "(the grid's order). Pass the choice on with `--set` (`selection.json`, key `set`):")
+    doc.ul([f"`{line}`" for line in sel.lines()])
+    table = sel.candidates.copy()
+    table["final_accuracy"] = [f"{100 * v:.2f}" if pd.notna(v) else "—" for v in table["final_accuracy"]]
+    table = table.rename(columns={"final_accuracy": "final validation acc. (%)"})
+    table["chosen"] = ["yes" if c else "" for c in table["chosen"]]
+    doc.table(table, "Every grid point: mean over the seeds that completed; `excluded` says why a point could not "
+                     "be chosen.")
+    return True
+
+
+def _eval_note(runs: pd.DataFrame, figure: bool = False, data: str = "test") -> str:
+    """One sentence on which samples the numbers come from (``eval_set``/``eval_samples``): the
+    test set, or the validation split (``data``)."""
     if "eval_set" not in runs.columns or not (runs["eval_set"] == "subset").any():
-        return "Every evaluation is on the full test set."
+        return f"Every evaluation is on the full {data} set."
     def sizes(rows: pd.DataFrame) -> str:
         v = sorted(int(n) for n in pd.to_numeric(rows["eval_samples"], errors="coerce").dropna().unique())
         return " or ".join(f"{n:,}" for n in v) or "?"
     sub, full = runs[runs["eval_set"] == "subset"], runs[runs["eval_set"] == "full"]
     if figure:
-        return (f"Curves: the training-time evaluations on a fixed subset of {sizes(sub)} test samples; diamonds: "
-                f"the mean full-test-set accuracy ({sizes(full)} samples) at the runs' end.")
-    return (f"Final accuracy: the full test set ({sizes(full)} samples) at each run's end; best accuracy and "
-            f"times to target: the training-time evaluations on a fixed subset of {sizes(sub)} test samples.")
+        return (f"Curves: the training-time evaluations on a fixed subset of {sizes(sub)} {data} samples; diamonds: "
+                f"the mean full-{data}-set accuracy ({sizes(full)} samples) at the runs' end.")
+    return (f"Final accuracy: the full {data} set ({sizes(full)} samples) at each run's end; best accuracy and "
+            f"times to target: the training-time evaluations on a fixed subset of {sizes(sub)} {data} samples.")
 
 
 def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, scen: dict,
@@ -362,7 +407,8 @@ def _describe(doc: _Doc, batch: dict, statuses: list[dict], runs: pd.DataFrame, 
                                 for r in bad]))
 
 
-def _heatmaps(doc: _Doc, summary: pd.DataFrame, by: list[str], targets: Sequence[float], fig_dir: Path) -> None:
+def _heatmaps(doc: _Doc, summary: pd.DataFrame, by: list[str], targets: Sequence[float], fig_dir: Path,
+              data: str = "test") -> None:
     """For sweeps over two or more keys: values over the first two varying keys."""
     keys = [c for c in varying_columns(summary, by) if c not in ("scenario", "variant")]
     keys = [k for k in keys if summary[k].nunique() > 1]
@@ -370,7 +416,7 @@ def _heatmaps(doc: _Doc, summary: pd.DataFrame, by: list[str], targets: Sequence
         return
     x, y, rest = keys[1], keys[0], keys[2:]
     doc.h(2, "Over the grid")
-    panels = [("final_accuracy_mean", "mean final test accuracy", "{:.3f}", "viridis")]
+    panels = [("final_accuracy_mean", f"mean final {data} accuracy", "{:.3f}", "viridis")]
     for t in targets:
         tn = target_name(t)
         panels.append((f"time_to_{tn}_mean", f"mean time to {100 * t:g}% (s)", "{:.3g}", "viridis_r"))

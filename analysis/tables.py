@@ -59,7 +59,7 @@ def per_run_table(runs: pd.DataFrame, targets: Sequence[float] = (),
                             how="left")
     if summaries is not None and len(summaries):
         key = "run_dir" if "run_dir" in table.columns and "run_dir" in summaries.columns else "run_id"
-        extra = [c for c in ("server_busy_fraction", "server_busy_s", "host_runtime_s", "eval_host_s")
+        extra = [c for c in ("server_busy_fraction", "server_busy_s", "host_runtime_s", "eval_host_s", "eval_data")
                  if c in summaries.columns]
         table = table.merge(summaries[[key, *extra]], on=key, how="left")
     table.attrs["params"] = param_columns(runs)
@@ -91,7 +91,9 @@ def summary_table(per_run: pd.DataFrame, targets: Sequence[float] = (), baseline
     and ``speedup_<t>`` = mean time to target of the baseline / that of the row (>1: faster).
     ``diverged`` (``analysis.traces.load_diverged``): runs that diverged; they are in no mean
     (``per_run`` holds completed runs only), a column ``diverged`` counts them per group, and a
-    group whose every run diverged gets a row with n = 0 and no values.
+    group whose every run diverged gets a row with n = 0 and no values. When ``per_run`` has
+    ``eval_data`` (from the summaries), so does each row: ``test``, ``validation`` (every
+    accuracy of the row is a validation accuracy, ``data.validation``), or both joined by ``+``.
     """
     by = group_columns(per_run)
     metrics = [m for m in (*BASE_METRICS, *target_metrics(targets)) if m in per_run.columns]
@@ -106,6 +108,8 @@ def summary_table(per_run: pd.DataFrame, targets: Sequence[float] = (), baseline
         row = {**dict(zip(by, key)), "n": len(g)}
         if dv is not None:
             row["diverged"] = len(_rows_of(dv, by, key))
+        if "eval_data" in per_run.columns:
+            row["eval_data"] = "+".join(sorted(set(g["eval_data"].dropna().astype(str)))) or None
         for m in metrics:
             mean, ci, _ = mean_ci(pd.to_numeric(g[m], errors="coerce"), level)
             row[f"{m}_mean"], row[f"{m}_ci95"] = mean, ci
@@ -207,7 +211,11 @@ def _time_digits(values: pd.Series) -> int:
 
 
 def format_summary(table: pd.DataFrame, targets: Sequence[float] = ()) -> pd.DataFrame:
-    """The summary table as text cells: mean ± 95% CI half-width, accuracies in %, bytes in MB."""
+    """The summary table as text cells: mean ± 95% CI half-width, accuracies in %, bytes in MB.
+
+    Accuracies measured on a validation split say so: the column reads ``final validation acc.``
+    when every row evaluated on validation, and a column ``evaluated on`` names the data of each
+    row when the rows differ."""
     out = pd.DataFrame({"run": table["label"], "seeds": table["n"].astype(int)})
     if "diverged" in table.columns and table["diverged"].sum() > 0:  # left out of every mean
         out["diverged"] = table["diverged"].astype(int)
@@ -217,7 +225,10 @@ def format_summary(table: pd.DataFrame, targets: Sequence[float] = ()) -> pd.Dat
             out[name] = [_pm(m, c, scale, digits) for m, c in zip(table[f"{metric}_mean"], table[f"{metric}_ci95"])]
 
     tdig = _time_digits(table["sim_time_s_mean"]) if "sim_time_s_mean" in table.columns else 1
-    col("final acc. (%)", "final_accuracy", 100, 2)
+    data = set(table["eval_data"].dropna()) if "eval_data" in table.columns else set()
+    if len(data) > 1:  # never let a validation accuracy pass for a test one: say it per row
+        out["evaluated on"] = table["eval_data"].fillna("").tolist()
+    col("final validation acc. (%)" if data == {"validation"} else "final acc. (%)", "final_accuracy", 100, 2)
     col("sim. time (s)", "sim_time_s", 1, tdig)
     col("rounds", "rounds", 1, 1)
     for t in targets:

@@ -44,7 +44,8 @@ RUN_ONLY = ("seed", "run_id", "run_dir")  # identity columns that differ between
 DERIVED_PREFIXES = ("time_to_", "rounds_to_", "reached_", "speedup_")  # per-target columns of tables
 SUMMARY_FIELDS = ("status", "stop_reason", "final_accuracy", "final_subset_accuracy", "best_accuracy", "sim_time_s",
                   "rounds", "bytes_up", "bytes_down", "server_busy_s", "server_busy_fraction", "host_runtime_s",
-                  "eval_host_s", "eval_subset_samples", "eval_test_samples", "threads")
+                  "eval_host_s", "eval_subset_samples", "eval_test_samples", "threads", "eval_data",
+                  "eval_validation_samples")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ def load_summaries(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         row = {k: v for k, v in lab.items() if k != "params"}
         row.update({k: _cell(lab["params"].get(k)) for k in params})
         row.update({k: s.get(k) for k in SUMMARY_FIELDS})
+        row["eval_data"] = s.get("eval_data") or "test"  # a run from before the field evaluated on test
         rows.append(row)
     df = pd.DataFrame(rows, columns=[*LABEL_COLUMNS, *params, *SUMMARY_FIELDS])
     df.attrs["params"] = params

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -238,7 +239,8 @@ def _report_run(result, scenario, out: Path) -> int:
         return 0
     acc = s["final_accuracy"]
     print(
-        f"{scenario.name}: {s['algorithm']} reached test accuracy {acc:.4f} after {s['rounds']} rounds, "
+        f"{scenario.name}: {s['algorithm']} reached {s.get('eval_data', 'test')} accuracy {acc:.4f} after "
+        f"{s['rounds']} rounds, "
         f"{s['sim_time_s']:.1f} s simulated ({s['host_runtime_s']:.1f} s on this machine; stop: {s['stop_reason']})"
     )
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
@@ -276,7 +278,7 @@ def cmd_retime(args) -> int:
         return _interrupted_code(e)
     s = result.summary
     print(f"{scenario.name}: {s['algorithm']} re-timed from {args.run_dir}: {s['rounds']} rounds, "
-          f"{s['sim_time_s']:.1f} s simulated (test accuracy {s['final_accuracy']:.4f}; "
+          f"{s['sim_time_s']:.1f} s simulated ({s.get('eval_data', 'test')} accuracy {s['final_accuracy']:.4f}; "
           f"{s['host_runtime_s']:.1f} s on this machine)")
     print(f"outputs: {out}/ (metrics.csv, events.csv, summary.json, accuracy_vs_time.png)")
     return 0
@@ -528,6 +530,21 @@ def add_batch_commands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
+        "select", help="the best grid point per algorithm of a sweep evaluated on a validation split",
+        description="Per algorithm (and variant), the grid point with the best mean METRIC over its seeds. A point "
+                    "with a diverged, failed or unfinished seed is never chosen; ties go to the point planned "
+                    "first (the grid's order). Runs must have evaluated on a validation split (data.validation). "
+                    "`sflsim compare S.yaml $(sflsim select DIR --args)` runs the choice (docs/analysis.md).")
+    p.add_argument("dir", help="a sweep (or compare) output folder")
+    p.add_argument("--metric", default="final_accuracy",
+                   help="summary.json field: final_accuracy (default), best_accuracy, final_subset_accuracy, final_loss")
+    p.add_argument("--out", default=None, help="write the selection as JSON to this file")
+    p.add_argument("--args", action="store_true", help="print only the --set items of the choice, for a shell command")
+    p.add_argument("--allow-test", action="store_true",
+                   help="select on runs that evaluated on the test set (exploring only: that tunes on test)")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser(
         "report", help="figures, tables and report.md/.html for a compare or sweep folder",
         description="Writes DIR/report/: figures/*.png, tables/*.csv and *.md, report.md and report.html.")
     p.add_argument("dir", help="a compare or sweep output folder (or one run folder)")
@@ -694,6 +711,10 @@ def _print_summary(path: Path) -> None:
         return
     t = pd.read_csv(path)
     targets = [c[len("time_to_"):-len("_mean")] for c in t.columns if c.startswith("time_to_") and c.endswith("_mean")]
+    data = set(t["eval_data"].dropna()) if "eval_data" in t.columns else set()
+    if data and data != {"test"}:  # a validation accuracy never reads as a test accuracy
+        print(f"accuracy on: {' and '.join(sorted(data))} (validation: samples held out of the training set, "
+              "data.validation)")
     head = f"{'run':<24} {'seeds':>5} {'final acc. (%)':>14}" + "".join(f" {'time to ' + f'{float(x):.0%}' + ' (s)':>17}"
                                                                       for x in targets)
     print(head)
@@ -712,6 +733,38 @@ def cmd_report(args) -> int:
     page = write_report(args.dir, targets=_parse_targets(args.targets), baseline=args.baseline,
                         out_dir=args.out)
     print(f"report: {page} (and {page.with_suffix('.html').name}, figures/, tables/)")
+    _print_selection(page.parent / "selection.json")
+    return 0
+
+
+def _print_selection(path: Path) -> None:
+    """The report's choice of grid point per algorithm, when it made one (runs on a validation split)."""
+    chosen = (rundir.read_json(path) or {}).get("chosen") if path.is_file() else None
+    if not chosen:
+        return
+    print(f"best by validation accuracy (selection: {path}):")
+    for c in chosen:
+        keys = ", ".join(f"{k}={v}" for k, v in (c["params"] or {}).items())
+        print(f"  {c['label']}: " + (f"{keys} ({100 * c['value']:.2f}%)" if c["params"] is not None
+                                     else "no point completed every seed"))
+
+
+def cmd_select(args) -> int:
+    from analysis.select import select_points
+
+    sel = select_points(args.dir, metric=args.metric, allow_test=args.allow_test)
+    if args.out:
+        sel.write(args.out)
+    if args.args:
+        if sel.unselected:
+            raise UserError(f"{args.dir}: no point of {', '.join(sel.unselected)} completed every seed; nothing to pass on")
+        print(" ".join(f"--set {shlex.quote(item)}" for item in sel.set_items()))
+        return 0
+    print(f"{args.dir}: best by {sel.eval_data} {args.metric} ({sel.goal}imum mean over seeds):")
+    for line in sel.lines():
+        print(f"  {line}")
+    if args.out:
+        print(f"selection: {args.out}")
     return 0
 
 

@@ -5,8 +5,10 @@ touches the disk. ``preflight(scenario)`` checks what the scenario needs from th
 from its data, without loading a tensor: the dataset's files (in ``data.root`` when it is set,
 and only there), the Python packages that ship bundled datasets and text models, a text
 model's local files, the trace CSV (parsed in full), the device, whether the model fits the
-dataset's samples, sizes bounded by the training set (clients, shards, batch) and the
-evaluation subset bounded by the test set (``eval.subset``). It also
+dataset's samples, the validation split against the training set (``data.validation``: fewer
+samples than the training set, at least one of each class), sizes bounded by the training
+samples left (clients, shards, batch) and the evaluation subset bounded by the evaluation set,
+test or validation (``eval.subset``). It also
 draws the time model (device speeds, bandwidths: cheap) so a distribution that can draw an
 unusable speed fails here, not mid-run.
 
@@ -29,6 +31,7 @@ def preflight(scenario: Scenario) -> None:
     """Raise ScenarioError (dotted key: message) for the first thing ``scenario`` cannot run with."""
     _check_device(scenario)
     _check_data(scenario)
+    _check_validation(scenario)
     _check_sizes(scenario)
     _check_eval(scenario)
     _check_model(scenario)
@@ -71,13 +74,62 @@ def _check_data(s: Scenario) -> None:
         raise ScenarioError("data.root" if given else "data.dataset", str(e)) from None
 
 
+def _classes(s: Scenario) -> Optional[int]:
+    """The dataset's number of classes, when its catalogue entry says."""
+    from simulator.data import DATASETS
+
+    spec = DATASETS[s.data.dataset]
+    return getattr(spec, "num_classes", None) or len(getattr(spec, "label_names", ()) or ()) or None
+
+
+def _validation_samples(s: Scenario) -> Optional[int]:
+    """Samples ``data.validation`` holds out (None: no split, or a fraction of a size not known here)."""
+    from simulator.data import DATASETS
+    from simulator.data.partitions import validation_size
+
+    v = s.data.validation
+    full = getattr(DATASETS[s.data.dataset], "train_size", None)
+    if v is None or (isinstance(v, float) and not full):
+        return None
+    return validation_size(v, full or 0)
+
+
+def _check_validation(s: Scenario) -> None:
+    """``data.validation`` leaves training samples and holds one of each class (the run checks
+    each class against the labels it loads: ``partitions.hold_out``)."""
+    from simulator.data import DATASETS
+
+    d = s.data
+    size = _validation_samples(s)
+    if size is None:
+        return
+    full = getattr(DATASETS[d.dataset], "train_size", None)
+    asked = f"{size:,} samples" + (f" ({d.validation:g} of {full:,})" if isinstance(d.validation, float) else "")
+    classes = _classes(s)
+    if classes is not None and size < classes:
+        raise ScenarioError("data.validation", f"{asked} cannot hold one of each of the {classes} classes of "
+                                               f"{d.dataset}; give at least {classes}")
+    if full and size >= full:
+        raise ScenarioError("data.validation", f"{asked} would leave none of the {full:,} training samples of "
+                                               f"{d.dataset} for the clients; give fewer than {full:,}")
+    if full and classes is not None and full - size < classes:
+        raise ScenarioError("data.validation", f"{asked} would leave {full - size:,} of the {full:,} training "
+                                               f"samples of {d.dataset}, fewer than its {classes} classes: some "
+                                               f"class would have no training sample; give at most {full - classes:,}")
+
+
 def _train_samples(s: Scenario) -> tuple[Optional[int], str]:
     """The number of training samples a run will use, when known without reading the data."""
     from simulator.data import DATASETS
 
     d = s.data
     full = getattr(DATASETS[d.dataset], "train_size", None)
-    sizes = [(full, f"{d.dataset} has {full:,} training samples")] if full else []
+    held = _validation_samples(s)
+    if full and held is not None:
+        sizes = [(full - held, f"{d.dataset} has {full - held:,} training samples after data.validation "
+                               f"holds {held:,} out")]
+    else:
+        sizes = [(full, f"{d.dataset} has {full:,} training samples")] if full else []
     if d.train_limit is not None:
         sizes.append((d.train_limit, f"data.train_limit is {d.train_limit:,}"))
     if not sizes:
@@ -102,10 +154,13 @@ def _check_sizes(s: Scenario) -> None:
 
 
 def _test_samples(s: Scenario) -> tuple[Optional[int], str]:
-    """The number of test samples a run will evaluate on, when known without reading the data."""
+    """The number of samples a run will evaluate on (test or validation), when known without reading the data."""
     from simulator.data import DATASETS
 
     d = s.data
+    if d.validation is not None:
+        held = _validation_samples(s)
+        return (held, f"data.validation holds {held:,}") if held is not None else (None, "")
     full = getattr(DATASETS[d.dataset], "test_size", None)
     sizes = [(full, f"the test set of {d.dataset} has {full:,} samples")] if full else []
     if d.test_limit is not None:
@@ -116,24 +171,23 @@ def _test_samples(s: Scenario) -> tuple[Optional[int], str]:
 
 
 def _check_eval(s: Scenario) -> None:
-    """A number in eval.subset is at most the test samples and at least the classes (one of each).
+    """A number in eval.subset is at most the evaluation samples (test, or validation with
+    ``data.validation``) and at least the classes (one of each).
 
-    The runner checks the same against the test set it loads (``runner.eval_subset``), for
+    The runner checks the same against the evaluation set it loads (``runner.eval_subset``), for
     datasets whose size is not known here."""
-    from simulator.data import DATASETS
-
     asked = s.eval.subset
     if not isinstance(asked, int):
         return  # auto or null: always possible
     n, why = _test_samples(s)
+    which = "validation" if s.data.validation is not None else "test"
     if n is not None and asked > n:
-        raise ScenarioError("eval.subset", f"{asked:,} is more than the test samples ({why}); give at most {n:,}, "
-                                           "auto, or null (the full test set every time)")
-    spec = DATASETS[s.data.dataset]
-    classes = getattr(spec, "num_classes", None) or len(getattr(spec, "label_names", ()) or ()) or None
+        raise ScenarioError("eval.subset", f"{asked:,} is more than the {which} samples ({why}); give at most {n:,}, "
+                                           f"auto, or null (the full {which} set every time)")
+    classes = _classes(s)
     if classes is not None and asked < classes and (n is None or asked < n):
         raise ScenarioError("eval.subset", f"{asked:,} samples cannot hold one of each of the {classes} classes of "
-                                           f"{s.data.dataset}; give at least {classes}, or null (the full test set)")
+                                           f"{s.data.dataset}; give at least {classes}, or null (the full {which} set)")
 
 
 def _check_model(s: Scenario) -> None:

@@ -5,7 +5,7 @@ changing the time model never changes what the model learns, and vice versa
 (see docs/time-model.md, "common random numbers"):
 
 - ``time``  device speeds, per-operation delays, wireless distances (latency models)
-- ``data``  partitions and minibatch order
+- ``data``  partitions, minibatch order, ``train_limit``/``test_limit`` subsets, the validation split
 - ``init``  model initialisation
 - ``zo``    zeroth-order directions
 - ``algo``  algorithm choices (client sampling per round, GAS replacement, generated samples)

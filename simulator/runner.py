@@ -2,7 +2,8 @@
 
 ``run_scenario`` is the API for notebooks and the CLI alike. It owns evaluation (free in
 simulated time: during training on a fixed, stratified, keyed subset of the test set, at the
-end on the full test set; ``eval_subset``, ``_Controller``), the stop rules and the output
+end on the full test set; with ``data.validation``, of the validation split instead, and the
+test set is not used; ``eval_subset``, ``_Controller``), the stop rules and the output
 files; the algorithm owns its control flow.
 Outputs in ``out_dir``: scenario.yaml (resolved), metrics.csv, events.csv, summary.json,
 accuracy_vs_time.png, and any per-round tables the algorithm records. A KeyboardInterrupt
@@ -91,8 +92,9 @@ def build_context(scenario: Scenario, sim: Simulation, device: torch.device, pix
     d = scenario.data
     if DATASETS[d.dataset].kind == "text":
         return build_text_context(scenario, sim, device)
-    data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed,
-                        pixels=pixels)
+    with _validation_split():
+        data = load_dataset(d.dataset, d.root, train_limit=d.train_limit, test_limit=d.test_limit,
+                            seed=scenario.seed, pixels=pixels, validation=d.validation)
     parts_idx = _partition(scenario, data.y_train.numpy())
     c, h, w = data.input_shape
     model = build_model(scenario.model.name, c, data.num_classes, (h, w), seed=scenario.seed)
@@ -117,8 +119,10 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
 
     d, m = scenario.data, scenario.model
     tokenizer = tokenizer_for(m.name, m.local_path)
-    data = load_text_dataset(d.dataset, d.root, tokenizer=tokenizer, max_len=d.max_len,
-                             train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed)
+    with _validation_split():
+        data = load_text_dataset(d.dataset, d.root, tokenizer=tokenizer, max_len=d.max_len,
+                                 train_limit=d.train_limit, test_limit=d.test_limit, seed=scenario.seed,
+                                 validation=d.validation)
     parts_idx = _partition(scenario, data.y_train.numpy())
     try:
         parts = build_text_model(m.name, cut=m.cut, num_classes=data.num_classes, seed=scenario.seed,
@@ -130,6 +134,17 @@ def build_text_context(scenario: Scenario, sim: Simulation, device: torch.device
     built = {"name": m.name, "config": m.config, "local_path": m.local_path, "num_classes": data.num_classes}
     profile = cached_profile_text_cut(parts, d.max_len, batch, model=built)
     return _context(scenario, sim, device, data, parts, parts_idx, profile)
+
+
+@contextlib.contextmanager
+def _validation_split():
+    """A ``data.validation`` the loaded labels cannot honour is bad input naming the key."""
+    from simulator.data.partitions import ValidationSplitError
+
+    try:
+        yield
+    except ValidationSplitError as e:
+        raise ScenarioError("data.validation", str(e)) from None
 
 
 def _partition(scenario: Scenario, labels) -> list:
@@ -164,12 +179,13 @@ def _to_device(data, device):
 
 
 def eval_subset(scenario: Scenario, labels) -> Optional["np.ndarray"]:
-    """Sorted test-set indices of the run's training-time evaluation subset; None: the full set.
+    """Sorted indices of the run's training-time evaluation subset of its evaluation set (the
+    test set, or the validation split with ``data.validation``); None: the full set.
 
-    Drawn once per run from ``rng.generator(seed, "eval", "subset")`` with the test labels only:
-    proportional to the classes (largest remainder), every class represented, the same for every
-    algorithm given the same seed and data, another subset for another seed. ``eval.subset``
-    larger than the test set, or smaller than its number of classes, is a ``ScenarioError``.
+    Drawn once per run from ``rng.generator(seed, "eval", "subset")`` with the evaluation labels
+    only: proportional to the classes (largest remainder), every class represented, the same for
+    every algorithm given the same seed and data, another subset for another seed. ``eval.subset``
+    larger than the evaluation set, or smaller than its number of classes, is a ``ScenarioError``.
     """
     import numpy as np
 
@@ -178,25 +194,27 @@ def eval_subset(scenario: Scenario, labels) -> Optional["np.ndarray"]:
 
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     asked, n = scenario.eval.subset, int(y.size)
+    which = "test" if scenario.data.validation is None else "validation"
     if isinstance(asked, int) and asked > n:
-        raise ScenarioError("eval.subset", f"{asked:,} is more than the {n:,} samples of the test set; give at most "
-                                           f"{n:,}, auto, or null (the full test set every time)")
+        raise ScenarioError("eval.subset", f"{asked:,} is more than the {n:,} samples of the {which} set; give at "
+                                           f"most {n:,}, auto, or null (the full {which} set every time)")
     size = scenario.eval.subset_size(n)
     if size is None:
         return None
     try:
         return stratified_subset(y, size, generator(scenario.seed, "eval", "subset"), every_class=True)
     except ValueError as e:
-        raise ScenarioError("eval.subset", f"{size:,} samples: {e}; give more, or null (the full test set)") from None
+        raise ScenarioError("eval.subset", f"{size:,} samples: {e}; give more, or null (the full {which} set)") from None
 
 
 class _Controller:
     """Evaluation and stop rules, driven by round notifications and a clock process.
 
-    Evaluations during training use the run's fixed subset of the test set (``eval_subset``; the
-    full set when ``eval.subset`` is null or covers it) and decide ``stop.target_accuracy``;
-    ``finish`` adds the evaluation on the full test set at the end. All are free in simulated
-    time; their host seconds are summed in ``eval_host_s``.
+    Evaluations during training use the run's fixed subset of the evaluation set (``eval_subset``;
+    the full set when ``eval.subset`` is null or covers it) and decide ``stop.target_accuracy``;
+    ``finish`` adds the evaluation on the full set at the end. The evaluation set is the test set,
+    or the validation split with ``data.validation`` (``ctx.data.eval_data``). All are free in
+    simulated time; their host seconds are summed in ``eval_host_s``.
     """
 
     def __init__(self, scenario: Scenario, sim: Simulation, algo, ctx: RunContext, progress: bool,
@@ -207,6 +225,7 @@ class _Controller:
         self.last_acc = float("nan")
         self.eval_host_s = 0.0
         x, y = ctx.data.x_test, ctx.data.y_test
+        self.eval_data = getattr(ctx.data, "eval_data", "test")  # what x_test holds: test or validation
         self.test_samples = len(y)
         idx = eval_subset(scenario, y)
         self.full = ("full", x, y)
@@ -561,6 +580,8 @@ def _plot(out: Path, recorder: Recorder, scenario: Scenario) -> None:
 
     fig, ax = new_figure()
     plot_accuracy_vs_time(ax, pd.DataFrame(recorder.metrics), label=scenario.algorithm.name)
+    if scenario.data.validation is not None:
+        ax.set_ylabel("validation accuracy (%)")
     ax.set_title(scenario.name)
     if scenario.stop.target_accuracy:
         ax.axhline(100 * scenario.stop.target_accuracy, color="0.5", ls=":", lw=1, label="target")
@@ -590,7 +611,10 @@ def _versions() -> dict:
 def _eval_fields(recorder: Recorder, ctl: Optional[_Controller]) -> dict:
     """summary.json's accuracy and evaluation fields.
 
-    final_accuracy / final_loss: the last evaluation on the full test set (the one at the end;
+    eval_data: what every evaluation used, ``test`` or ``validation`` (``data.validation``: then
+    every accuracy below is a validation accuracy, eval_validation_samples its size and
+    eval_test_samples None).
+    final_accuracy / final_loss: the last evaluation on the full set (the one at the end;
     None when the run ended without it: diverged or interrupted while training on a subset).
     final_subset_accuracy: the last training-time evaluation on the subset (None: no subset).
     best_accuracy: the best training-time evaluation (the rows time to target is read from).
@@ -606,7 +630,8 @@ def _eval_fields(recorder: Recorder, ctl: Optional[_Controller]) -> dict:
         "final_subset_accuracy": subset[-1]["test_accuracy"] if subset else None,
         "best_accuracy": max((m["test_accuracy"] for m in rows if m["eval_set"] == during), default=None),
         "eval_subset_samples": ctl.subset_samples if ctl is not None else None,
-        "eval_test_samples": ctl.test_samples if ctl is not None else None,
+        "eval_test_samples": ctl.test_samples if ctl is not None and ctl.eval_data == "test" else None,
+        "eval_validation_samples": ctl.test_samples if ctl is not None and ctl.eval_data == "validation" else None,
         "eval_host_s": ctl.eval_host_s if ctl is not None else 0.0,
     }
 
@@ -634,8 +659,10 @@ def _summary(scenario, sim, recorder, ctx, algo, ctl, status, host_s) -> dict:
         "server_busy_fraction": (busy / total) if total > 0 else None,
         "events": len(recorder.events),
         "evaluations": len(recorder.metrics),
+        "eval_data": "test" if scenario.data.validation is None else "validation",
         "eval_subset_samples": evals["eval_subset_samples"],
         "eval_test_samples": evals["eval_test_samples"],
+        "eval_validation_samples": evals["eval_validation_samples"],
         "host_runtime_s": host_s,
         "eval_host_s": evals["eval_host_s"],  # host seconds evaluating, part of host_runtime_s
         "threads": torch.get_num_threads(),

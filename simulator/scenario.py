@@ -81,8 +81,26 @@ class DataConfig(Strict):
     shards_per_client: PosInt = Field(2, description="Label shards per client (partition: shards).")
     train_limit: Optional[PosInt] = Field(None, description="Use at most this many train samples.")
     test_limit: Optional[PosInt] = Field(None, description="Use at most this many test samples.")
+    validation: Union[PosInt, bounded_float(gt=0, lt=1), None] = Field(  # type: ignore[valid-type]
+        None, description="Hold this many training samples (or this fraction of them) out before partitioning, "
+                          "class-stratified and keyed by the seed, and evaluate on them instead of the test set "
+                          "(which the run then does not use); null: no validation split.")
     max_len: bounded_int(2, MAX_SEQ_LEN) = Field(48, description=  # type: ignore[valid-type]
        "Text datasets: tokens per sequence (truncated / right-padded).")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _validation_size(cls, v):
+        """One line for any value that is neither a count of samples nor a fraction in (0, 1)."""
+        if v is None:
+            return v
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        whole = isinstance(v, float) and v.is_integer() and v >= 1
+        fraction = isinstance(v, float) and 0 < v < 1
+        if not (count or whole or fraction):
+            raise ValueError(f"expected a number of training samples (an integer, at least the number of classes) "
+                             f"or a fraction of them in (0, 1), got {v!r}")
+        return v
 
 
 class ModelConfig(Strict):
@@ -338,6 +356,14 @@ class Scenario(Strict):
         return self
 
     @model_validator(mode="after")
+    def _validation_replaces_test(self) -> "Scenario":
+        if self.data.validation is not None and self.data.test_limit is not None:
+            raise _KeyedValueError("data.test_limit", "has no effect with data.validation set (the run evaluates on "
+                                                      "the validation split and never reads the test set); set "
+                                                      "data.test_limit: null")
+        return self
+
+    @model_validator(mode="after")
     def _bounded_evaluations(self) -> "Scenario":
         every, until = self.eval.every_sim_s, self.stop.sim_time_s
         if every is not None and until is not None and until / every > MAX_EVALUATIONS:
@@ -521,12 +547,24 @@ def load_scenario(
     return validate(raw)
 
 
+def dump_scenario(scenario: Scenario) -> dict:
+    """The resolved scenario as JSON-able data (scenario.yaml, a batch run's fingerprint).
+
+    Keys added after runs were first written are left out at their default (``timing_only:
+    false``, ``data.validation: null``), so the scenario.yaml and fingerprint of a run that does
+    not use them are what they were before the keys existed.
+    """
+    exclude: dict = {}
+    if not scenario.timing_only:
+        exclude["timing_only"] = True
+    if scenario.data.validation is None:
+        exclude["data"] = {"validation": True}
+    return scenario.model_dump(mode="json", by_alias=True, exclude=exclude or None)
+
+
 def to_yaml(scenario: Scenario) -> str:
     """The resolved scenario (defaults filled in) as YAML, loadable again with load_scenario."""
-    # timing_only is written only when set, so a training run's scenario.yaml (and its
-    # fingerprint) is what it was before the key existed.
-    data = scenario.model_dump(mode="json", by_alias=True, exclude=None if scenario.timing_only else {"timing_only"})
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(dump_scenario(scenario), sort_keys=False)
 
 
 def json_schema() -> dict:

@@ -6,13 +6,15 @@ for ``sflsim list``. Adding an image dataset is a reader in ``formats.py`` (if i
 new) and one entry here.
 
 Pixels are scaled to [0, 1] and then normalised per channel with the mean and standard
-deviation of the training set actually returned (after ``train_limit``); the test set uses
-the same statistics. Every random draw comes from ``simulator.rng`` keyed generators in the
-``data`` stream. Nothing here downloads, trains, touches the simulated clock or prints.
+deviation of the training set actually returned (after ``data.validation`` and
+``train_limit``); the evaluation set (test or validation) uses the same statistics. Every
+random draw comes from ``simulator.rng`` keyed generators in the ``data`` stream. Nothing here
+downloads, trains, touches the simulated clock or prints.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -28,7 +30,7 @@ import numpy as np
 from simulator.data import formats
 from simulator.data.formats import Arrays, DatasetFormatError
 from simulator.data.locate import PathLike, find_folder
-from simulator.data.partitions import check_limit, stratified_subset
+from simulator.data.partitions import check_limit, hold_out, stratified_subset, validation_size
 from simulator.lazy import lazy_module
 from simulator.rng import generator
 
@@ -45,7 +47,9 @@ _SPLIT_SEED = 0
 # Raw uint8 arrays kept in memory (train and test splits count separately).
 _CACHE_ENTRIES = 4
 
-Splits = dict[str, Arrays]  # split -> (uint8 images, int64 labels)
+Splits = dict[str, Arrays]  # split ("train", "test" or "validation") -> (uint8 images, int64 labels)
+#: What a dataset's evaluation arrays (x_test, y_test) can hold.
+EVAL_DATA = ("test", "validation")
 Limits = dict[str, Optional[int]]  # split -> train_limit / test_limit
 
 
@@ -64,8 +68,13 @@ class Dataset:
     num_classes: int
     channel_mean: tuple[float, ...] = field(default=())  # per-channel mean of [0,1] train pixels
     channel_std: tuple[float, ...] = field(default=())  # per-channel std of [0,1] train pixels
+    # What x_test/y_test hold: "test" (the test set) or "validation" (samples held out of the
+    # training set by data.validation; the test set is then not loaded at all).
+    eval_data: str = "test"
 
     def __post_init__(self) -> None:
+        if self.eval_data not in EVAL_DATA:
+            raise ValueError(f"Dataset {self.name!r}: eval_data must be one of {EVAL_DATA}, got {self.eval_data!r}")
         splits = (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test))
         for split, x, y in splits:
             if x.dtype != torch.float32 or x.dim() != 4:
@@ -97,7 +106,7 @@ class Dataset:
     def __repr__(self) -> str:
         return (
             f"Dataset(name={self.name!r}, train={self.x_train.shape[0]}, "
-            f"test={self.x_test.shape[0]}, input_shape={self.input_shape}, "
+            f"{self.eval_data}={self.x_test.shape[0]}, input_shape={self.input_shape}, "
             f"num_classes={self.num_classes})"
         )
 
@@ -156,6 +165,25 @@ def _subset_indices(
 
 def _limited(x: np.ndarray, y: np.ndarray, idx: Optional[np.ndarray]):
     return (x, y) if idx is None else (x[idx], y[idx])
+
+
+def train_selection(
+    labels: np.ndarray, limit: Optional[int], validation, name: str, seed: int
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """Indices of the training samples kept (None: all) and of the validation split (None: none).
+
+    Without ``validation`` this is ``train_limit``'s subset alone. With it, the validation
+    samples are held out of the whole training split first (``partitions.hold_out``, drawn with
+    ``generator(seed, "data", "validation", name)``), then ``train_limit`` keeps a subset of the
+    rest (``generator(seed, "data", "subset", name, "train")``, as without a split). So the
+    validation samples depend on the seed and the size only, not on ``train_limit``.
+    """
+    if validation is None:
+        return _subset_indices(labels, limit, name, "train", seed), None
+    size = validation_size(validation, int(labels.size))
+    kept, held = hold_out(labels, size, generator(seed, "data", "validation", name))
+    sub = _subset_indices(labels[kept], limit, name, "train", seed)
+    return (kept if sub is None else kept[sub]), held
 
 
 
@@ -222,8 +250,11 @@ class ImageSource:
         UserError naming what is missing and how to get it)."""
         raise NotImplementedError
 
-    def splits(self, root: Optional[PathLike], limits: Limits, seed: int) -> tuple[Splits, int, str]:
-        """(limited train/test arrays, number of classes, where they came from)."""
+    def splits(self, root: Optional[PathLike], limits: Limits, seed: int,
+               validation=None) -> tuple[Splits, int, str]:
+        """(limited train and test arrays, number of classes, where they came from). With
+        ``validation`` (``train_selection``): train and validation arrays; the test split is
+        not read."""
         raise NotImplementedError
 
     def load(
@@ -234,14 +265,17 @@ class ImageSource:
         test_limit: Optional[int] = None,
         seed: int = 0,
         pixels: bool = True,
+        validation=None,
     ) -> Dataset:
         """The normalised dataset as tensors (see ``load_dataset``; ``pixels=False``: raw pixels)."""
         check_limit("train_limit", train_limit)
         check_limit("test_limit", test_limit)
         started = time.perf_counter()
-        splits, num_classes, source = self.splits(root, {"train": train_limit, "test": test_limit}, seed)
-        (x_tr, y_tr), (x_te, y_te) = splits["train"], splits["test"]
-        for split, y in (("train", y_tr), ("test", y_te)):
+        limits = {"train": train_limit, "test": test_limit}
+        splits, num_classes, source = self.splits(root, limits, seed, validation)
+        eval_data = "test" if validation is None else "validation"
+        (x_tr, y_tr), (x_te, y_te) = splits["train"], splits[eval_data]
+        for split, y in (("train", y_tr), (eval_data, y_te)):
             if y.size and (y.min() < 0 or y.max() >= num_classes):
                 raise DatasetFormatError(
                     f"{self.name} ({source}): {split} labels outside 0..{num_classes - 1} "
@@ -261,10 +295,11 @@ class ImageSource:
             num_classes=num_classes,
             channel_mean=mean,
             channel_std=std,
+            eval_data=eval_data,
         )
         logger.info(
-            "loaded %s from %s: %d train, %d test, %s, %.2f s",
-            self.name, source, len(y_tr), len(y_te), ds.input_shape, time.perf_counter() - started,
+            "loaded %s from %s: %d train, %d %s, %s, %.2f s",
+            self.name, source, len(y_tr), len(y_te), eval_data, ds.input_shape, time.perf_counter() - started,
         )
         return ds
 
@@ -293,14 +328,20 @@ class Files(InFolder):
     num_classes: int
     read_split: Callable[[Path, str], Arrays]  # (folder, "train" | "test") -> arrays
 
-    def splits(self, root, limits, seed):
+    def splits(self, root, limits, seed, validation=None):
         folder = self.locate(root)
         fingerprint = _fingerprint(folder)
         out: Splits = {}
-        for split in ("train", "test"):
+        for split in ("train",) if validation is not None else ("train", "test"):
             key = (self.name, str(folder.resolve()), split, fingerprint)
             x, y = _cached(key, functools.partial(self.read_split, folder, split))
-            out[split] = _limited(x, y, _subset_indices(y, limits[split], self.name, split, seed))
+            if split == "train":
+                kept, held = train_selection(y, limits["train"], validation, self.name, seed)
+                out["train"] = _limited(x, y, kept)
+                if held is not None:
+                    out["validation"] = (x[held], y[held])
+            else:
+                out[split] = _limited(x, y, _subset_indices(y, limits[split], self.name, split, seed))
         return out, self.num_classes, str(folder)
 
 
@@ -311,23 +352,28 @@ class PngFolders(InFolder):
 
     missing: Callable[[Path], list[str]] = formats.cinic_missing
 
-    def splits(self, root, limits, seed):
+    def splits(self, root, limits, seed, validation=None):
         folder = self.locate(root)
         out: Splits = {}
         classes: tuple[str, ...] = ()
-        for split in ("train", "test"):
+        for split in ("train",) if validation is not None else ("train", "test"):
             paths, labels, classes = formats.cinic_index(folder, split)
-            idx = _subset_indices(labels, limits[split], self.name, split, seed)
-            if idx is None:
-                idx = np.arange(labels.size)
+            if split == "train":
+                idx, held = train_selection(labels, limits["train"], validation, self.name, seed)
+            else:
+                idx, held = _subset_indices(labels, limits[split], self.name, split, seed), None
             # Class folders' mtimes change when files are added or removed.
             dir_stamp = tuple((folder / split / c).stat().st_mtime_ns for c in classes)
-            limited_seed = seed if idx.size < labels.size else None
-            key = (
-                self.name, str(folder.resolve()), split, dir_stamp, len(paths), idx.size, limited_seed
-            )
-            kept = [paths[i] for i in idx]
-            out[split] = _cached(key, lambda: (formats.read_pngs(kept), labels[idx]))
+            for name, sel in ((split, idx), ("validation", held)):
+                if name == "validation" and sel is None:
+                    continue
+                if sel is None:
+                    sel = np.arange(labels.size)
+                # The decoded images are cached per selection: the digest of the kept indices.
+                digest = hashlib.blake2b(np.ascontiguousarray(sel, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+                key = (self.name, str(folder.resolve()), split, name, dir_stamp, len(paths), digest)
+                kept = [paths[i] for i in sel]
+                out[name] = _cached(key, lambda kept=kept, sel=sel: (formats.read_pngs(kept), labels[sel]))
         return out, len(classes), str(folder)
 
 
@@ -351,13 +397,17 @@ class Bundled(ImageSource):
                             f"installed: pip install {self.pip_name}")
         return self.source
 
-    def splits(self, root, limits, seed):
+    def splits(self, root, limits, seed, validation=None):
         x_all, y_all = _cached(("bundled", self.name), self.read)
         train_idx, test_idx = _held_out_split(y_all, self.name)
-        out: Splits = {}
-        for split, idx in (("train", train_idx), ("test", test_idx)):
-            x, y = x_all[idx], y_all[idx]
-            out[split] = _limited(x, y, _subset_indices(y, limits[split], self.name, split, seed))
+        x, y = x_all[train_idx], y_all[train_idx]
+        kept, held = train_selection(y, limits["train"], validation, self.name, seed)
+        out: Splits = {"train": _limited(x, y, kept)}
+        if held is not None:
+            out["validation"] = (x[held], y[held])
+        else:
+            x, y = x_all[test_idx], y_all[test_idx]
+            out["test"] = _limited(x, y, _subset_indices(y, limits["test"], self.name, "test", seed))
         return out, self.num_classes, self.source
 
 
@@ -473,15 +523,25 @@ def load_dataset(
     test_limit: Optional[int] = None,
     seed: int = 0,
     pixels: bool = True,
+    validation=None,
 ) -> Dataset:
     """Load `name` from local files (or its Python package), normalised, as tensors.
 
     train_limit / test_limit keep a class-stratified random subset of that many samples
     (proportional per class, largest-remainder rounding, drawn with
     ``generator(seed, "data", "subset", name, split)``), in the original order; a limit at or
-    above the split's size keeps it whole. ``seed`` affects only these subsets: the
-    train/test split of digits and mnist_small is fixed. ``pixels=False`` (timing-only runs,
+    above the split's size keeps it whole. ``seed`` affects only these subsets and the
+    validation split: the train/test split of digits and mnist_small is fixed. ``pixels=False`` (timing-only runs,
     which read labels and shapes only) skips the normalisation: ``x_*`` are zeros of the
     right shape (expanded views, no memory).
+
+    ``validation`` (``data.validation``: a number of training samples, or a fraction in (0, 1)
+    of them) holds that many class-stratified samples out of the training split before
+    ``train_limit`` (``train_selection``): they become ``x_test``/``y_test``
+    (``eval_data="validation"``), the test set is not read, ``test_limit`` plays no part, and
+    the normalisation statistics come from the remaining training samples. A size that leaves
+    a class without training samples, or is smaller than the number of classes, raises
+    ``partitions.ValidationSplitError``.
     """
-    return _source(name).load(root, train_limit=train_limit, test_limit=test_limit, seed=seed, pixels=pixels)
+    return _source(name).load(root, train_limit=train_limit, test_limit=test_limit, seed=seed, pixels=pixels,
+                              validation=validation)

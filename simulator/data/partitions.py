@@ -23,7 +23,7 @@ DIRICHLET_MAX_ATTEMPTS = 1000
 
 
 # --------------------------------------------------------------------------------------------
-# Subsets of a split (train_limit / test_limit)
+# Subsets of a split (train_limit / test_limit) and the validation split (data.validation)
 # --------------------------------------------------------------------------------------------
 def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator,
                       every_class: bool = False) -> np.ndarray:
@@ -56,6 +56,54 @@ def stratified_subset(labels: np.ndarray, limit: int, rng: np.random.Generator,
         if t > 0
     ]
     return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+class ValidationSplitError(ValueError):
+    """A validation split that cannot be drawn from these labels (too many or too few samples);
+    the runner reports it as a ``ScenarioError`` on ``data.validation``."""
+
+
+def validation_size(asked, n: int) -> int:
+    """Samples a ``data.validation`` of ``asked`` holds out of ``n`` training samples: an integer
+    as it is, a fraction in (0, 1) of ``n`` rounded half up."""
+    if isinstance(asked, (bool, np.bool_)) or not isinstance(asked, (int, np.integer, float)):
+        raise ValidationSplitError(f"expected a number of samples or a fraction in (0, 1), got {asked!r}")
+    if isinstance(asked, (int, np.integer)):
+        if asked < 1:
+            raise ValidationSplitError(f"expected at least 1 sample, got {asked}")
+        return int(asked)
+    if not 0.0 < asked < 1.0:
+        raise ValidationSplitError(f"a fraction must lie in (0, 1), got {asked!r}")
+    return int(math.floor(asked * n + 0.5))
+
+
+def hold_out(labels: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held): sorted indices of the samples left for training and of ``size`` held out.
+
+    The held-out samples are a class-stratified draw (``stratified_subset`` with every class
+    present: proportional per class, largest-remainder rounding, uniform within a class).
+    ``ValidationSplitError`` when ``size`` is smaller than the number of classes, or leaves no
+    sample of some class (or none at all) for training.
+    """
+    y = np.asarray(labels)
+    n = int(y.size)
+    classes, counts = np.unique(y, return_counts=True)
+    if size < classes.size:
+        raise ValidationSplitError(f"{size:,} samples cannot hold one of each of the {classes.size} classes; "
+                                   f"give at least {classes.size}")
+    if size >= n:
+        raise ValidationSplitError(f"{size:,} samples would leave none of the {n:,} training samples for the "
+                                   f"clients; give fewer than {n:,}")
+    held = stratified_subset(y, size, rng, every_class=True)
+    left = counts - np.array([int(np.count_nonzero(y[held] == k)) for k in classes])
+    empty = [int(k) for k, c in zip(classes, left) if c == 0]
+    if empty:
+        raise ValidationSplitError(f"{size:,} of the {n:,} training samples would take every training sample of "
+                                   f"class(es) {', '.join(map(str, empty[:10]))} (the split holds each class in "
+                                   "proportion, and at least one of each); give fewer")
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask).astype(np.int64), held
 
 
 def check_limit(key: str, limit: Optional[int]) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 # Shared with the image datasets: one search order, one not-found message, one limit check.
 from simulator.data.locate import ENV_VAR, PathLike, debian_dir, not_found, search_roots
-from simulator.data.partitions import check_limit, stratified_subset
+from simulator.data.partitions import ValidationSplitError, check_limit, hold_out, stratified_subset, validation_size
 from simulator.errors import UserError
 from simulator.lazy import lazy_module
 from simulator.rng import generator
@@ -70,8 +70,13 @@ class TextDataset:
     num_classes: int
     pad_token_id: int
     label_names: tuple[str, ...] = field(default=())
+    # What x_test/y_test hold: "test" (the test set) or "validation" (examples held out of the
+    # training set by data.validation; the test set is then not read at all).
+    eval_data: str = "test"
 
     def __post_init__(self) -> None:
+        if self.eval_data not in ("test", "validation"):
+            raise ValueError(f"TextDataset {self.name!r}: eval_data must be test or validation, got {self.eval_data!r}")
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if x.dtype != torch.int64 or x.dim() != 2:
                 raise ValueError(
@@ -106,7 +111,7 @@ class TextDataset:
     def __repr__(self) -> str:
         return (
             f"TextDataset(name={self.name!r}, train={self.x_train.shape[0]}, "
-            f"test={self.x_test.shape[0]}, seq_len={self.seq_len}, "
+            f"{self.eval_data}={self.x_test.shape[0]}, seq_len={self.seq_len}, "
             f"num_classes={self.num_classes}, pad_token_id={self.pad_token_id})"
         )
 
@@ -320,6 +325,7 @@ class TextSource:
         train_limit: Optional[int] = None,
         test_limit: Optional[int] = None,
         seed: int = 0,
+        validation=None,
     ) -> TextDataset:
         """The tokenised dataset (see ``load_text_dataset``)."""
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
@@ -329,9 +335,12 @@ class TextSource:
         started = time.perf_counter()
         path = self.locate(root)
         raw = self.read(path)
-        limits = {"train": train_limit, "test": test_limit}
+        if validation is not None:
+            raw = {**self._held_out(raw["train"], validation, seed), "test": None}
+        eval_data = "test" if validation is None else "validation"
+        limits = {"train": train_limit, "test": test_limit, "validation": None}
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for split in ("train", "test"):
+        for split in ("train", eval_data):
             texts_s, y = raw[split]
             limit = limits[split]
             if limit is not None and limit < y.size:
@@ -342,14 +351,37 @@ class TextSource:
             name=self.name,
             x_train=out["train"][0],
             y_train=out["train"][1],
-            x_test=out["test"][0],
-            y_test=out["test"][1],
+            x_test=out[eval_data][0],
+            y_test=out[eval_data][1],
             num_classes=len(self.label_names),
             pad_token_id=int(tokenizer.pad_token_id),
             label_names=self.label_names,
+            eval_data=eval_data,
         )
         logger.info("loaded %r from %s in %.1fs", ds, path, time.perf_counter() - started)
         return ds
+
+    def _held_out(self, train: tuple[list[str], np.ndarray], validation, seed: int) -> Raw:
+        """The training split cut into ``train`` and ``validation`` (``data.validation``).
+
+        A class-stratified draw (``partitions.hold_out``, ``generator(seed, "data", "validation",
+        name)``); then every training example whose text is also among the validation examples is
+        dropped (the corpora repeat texts: no text is on both sides), and a class left with no
+        training example raises ``ValidationSplitError``.
+        """
+        texts, y = train
+        size = validation_size(validation, int(y.size))
+        kept, held = hold_out(y, size, generator(seed, "data", "validation", self.name))
+        held_texts = {texts[i] for i in held}
+        kept = np.array([i for i in kept if texts[i] not in held_texts], dtype=np.int64)
+        if kept.size < y.size - size:
+            logger.info("%s: %d training examples dropped: their text is also in the validation split",
+                        self.name, y.size - size - kept.size)
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[kept]).tolist()))
+        if missing:
+            raise ValidationSplitError(f"{size:,} of the {y.size:,} training examples would leave class(es) "
+                                       f"{', '.join(map(str, missing))} with no training example; give fewer")
+        return {"train": ([texts[i] for i in kept], y[kept]), "validation": ([texts[i] for i in held], y[held])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,14 +409,19 @@ def load_text_dataset(
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
     seed: int = 0,
+    validation=None,
 ) -> TextDataset:
     """Load ``tweets`` or ``sst2`` from local files, tokenised to ``[N, max_len]`` ids.
 
     ``train_limit`` / ``test_limit`` keep a class-stratified random subset (drawn with
     ``generator(seed, "data", "subset", name, split)``), in file order; only the kept texts
-    are tokenised. ``seed`` affects only these subsets: the train/test split is fixed.
+    are tokenised. ``seed`` affects only these subsets and the validation split: the
+    train/test split is fixed. ``validation`` (``data.validation``, as in ``load_dataset``)
+    holds that many examples out of the training split before ``train_limit``
+    (``TextSource._held_out``): they become ``x_test``/``y_test`` (``eval_data="validation"``)
+    and the test set is not tokenised (the file is still read: one file may hold both splits).
     """
     if name not in TEXT_DATASETS:
         raise ValueError(f"unknown text dataset {name!r}; known: {', '.join(TEXT_DATASETS)}")
     return TEXT_DATASETS[name].load(root, tokenizer=tokenizer, max_len=max_len, train_limit=train_limit,
-                                    test_limit=test_limit, seed=seed)
+                                    test_limit=test_limit, seed=seed, validation=validation)

@@ -64,14 +64,15 @@ class RunSpec:
 def make_spec(run_id: str, raw: dict, *, variant: str = "", params: dict | None = None,
               dropped: Sequence[str] = ()) -> RunSpec:
     """Validate ``raw`` into a spec; a bad key fails here, before anything runs."""
-    from simulator.scenario import validate
+    from simulator.scenario import dump_scenario, validate
 
     try:
         scenario = validate(raw)
     except ScenarioError as e:
         raise ScenarioError(e.key, f"{e.detail} (in run {run_id})") from None
-    # timing_only only when set (as scenario.yaml has it): fingerprints of earlier batches stay valid
-    dumped = scenario.model_dump(mode="json", by_alias=True, exclude=None if scenario.timing_only else {"timing_only"})
+    # timing_only and data.validation only when set (as scenario.yaml has them): fingerprints of
+    # earlier batches stay valid
+    dumped = dump_scenario(scenario)
     return RunSpec(run_id, dumped, scenario.algorithm.name, variant, scenario.seed, dict(params or {}),
                    tuple(dropped), fingerprint(dumped))
 
