@@ -27,7 +27,7 @@ def study_dir(tmp_path, tiny_raw):
     _write(tmp_path / "base.yaml", raw)
     _write(tmp_path / "grid.yaml", {
         "base": "base.yaml", "grid": {"algorithm.lr_client": [0.02, 0.1], "algorithm.lr_server": [0.02, 0.1]},
-        "seeds": 1})
+        "seeds": 1, "set": {"data.validation": 200}})
     _write(tmp_path / "cmp.yaml", {
         "base": "base.yaml", "algorithms": ["splitfed_v1", "splitfed_v2"], "seeds": 2,
         "variants": {"splitfed_v1": {"a": {"algorithm.momentum": 0.0}}}})
@@ -52,6 +52,7 @@ def test_study_tunes_selects_and_applies_the_selection(study_dir):
     best = max(accs.values())
     assert accs[(sel["params"]["algorithm.lr_client"], sel["params"]["algorithm.lr_server"])] == best
     assert sel["final_accuracy"] == best and result["selected"]["v1"]["params"] == sel["params"]
+    assert sel["eval_data"] == "validation"
     # splitfed_v1 runs got the selected step sizes; splitfed_v2 runs kept the base's
     for run in json.loads((out / "cmp" / rundir.BATCH_META).read_text())["runs"]:
         scen = run["scenario"]["algorithm"]
@@ -71,12 +72,23 @@ def test_selection_never_picks_a_diverged_point(study_dir):
     raw = yaml.safe_load((study_dir / "base.yaml").read_text())
     raw["algorithm"]["lr_client"] = 0.1
     _write(study_dir / "base.yaml", raw)
-    _write(study_dir / "grid.yaml", {"base": "base.yaml", "grid": {"algorithm.lr_server": [0.05, 1.0e6]}, "seeds": 1})
+    _write(study_dir / "grid.yaml", {"base": "base.yaml", "grid": {"algorithm.lr_server": [0.05, 1.0e6]}, "seeds": 1,
+                                     "set": {"data.validation": 200}})
     study = load_study(study_dir / "study.yaml")
     run_study(study, study_dir / "out", stages=["tuning"], workers=1, threads=1, progress=False, say=lambda s: None)
     choice = select_point(study_dir / "out" / "tuning" / "v1")
     assert choice["params"] == {"algorithm.lr_server": 0.05}
     assert any("diverged" in why for why in choice["ruled_out"].values())
+
+
+def test_a_grid_scored_on_test_is_refused(study_dir):
+    """Tuning on test accuracy would tune on the test set: the selection refuses it."""
+    doc = yaml.safe_load((study_dir / "grid.yaml").read_text())
+    del doc["set"]
+    _write(study_dir / "grid.yaml", doc)
+    with pytest.raises(UserError, match="validation"):
+        run_study(load_study(study_dir / "study.yaml"), study_dir / "out", stages=["tuning"], workers=1, threads=1,
+                  progress=False, say=lambda s: None)
 
 
 def test_experiments_need_their_tuning_first(study_dir):

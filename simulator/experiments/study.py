@@ -3,10 +3,10 @@
 ``sflsim study STUDY.yaml --out DIR`` runs a whole study in one command, in stages:
 
 1. **tuning**: each entry of ``tuning:`` is a step-size grid (``sflsim sweep``) that evaluates on
-   a validation split (``data.validation``); the point with the best final validation accuracy
-   is selected (``select_point``: completed runs only, never a diverged or failed one; the mean
-   over seeds when the grid has several; ties go to the earlier point of the grid). The
-   selections are written to ``DIR/selected.yaml``.
+   a validation split (``data.validation``; a grid evaluated on test is refused); the point with
+   the best final validation accuracy is selected (``analysis.select``: completed runs only,
+   never a diverged or failed one; the mean over seeds when the grid has several; ties go to the
+   earlier point of the grid). The selections are written to ``DIR/selected.yaml``.
 2. **experiments**: each entry of ``experiments:`` is a comparison (``compare:``) or a grid
    (``sweep:``) file; the selected values of the tunings it ``use:``s are passed as
    ``--set ALG[/VARIANT]:KEY=VALUE`` overrides to the algorithms the tuning ``apply_to:``s, so
@@ -33,9 +33,7 @@ CIFAR-10).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -166,51 +164,31 @@ def _yaml_value(v: Any) -> str:
 # Selection
 # --------------------------------------------------------------------------------------------
 def select_point(batch_dir: str | Path, keys: Optional[Sequence[str]] = None) -> dict:
-    """The grid point of a finished sweep with the best mean final accuracy over its seeds.
+    """The chosen point of a finished tuning grid (``analysis.select.select_points``: the best
+    mean final accuracy on the VALIDATION split over its seeds; a point with a diverged, failed
+    or unfinished seed is never chosen; ties go to the point planned first).
 
-    Only points whose every run completed count (a diverged or failed run rules its point out:
-    a step size that diverges on one seed is not stable). Ties go to the earlier point in the
-    grid's order. Returns ``{"params": {key: value}, "final_accuracy": mean, "seeds": n,
-    "eval_data": "validation"|"test"|..., "ruled_out": {point label: why}}``.
+    The grid must tune one algorithm (its choice is carried to the study's ``apply_to``). Returns
+    ``{"params": {key: value}, "final_accuracy": value, "seeds": n, "eval_data": ...,
+    "ruled_out": {point: why}}``; ``keys`` keeps only those grid keys.
     """
-    batch_dir = Path(batch_dir)
-    meta = rundir.read_json(batch_dir / rundir.BATCH_META)
-    if meta is None:
-        raise UserError(f"{batch_dir} is not a batch folder (no {rundir.BATCH_META})")
-    points: dict[str, dict] = {}
-    order: list[str] = []
-    for run in meta["runs"]:
-        params = {k: v for k, v in run["params"].items() if keys is None or k in keys}
-        if keys is None:
-            params.pop("algorithm.name", None)
-        label = json.dumps(params, sort_keys=True)
-        if label not in points:
-            points[label] = {"params": params, "acc": [], "bad": None}
-            order.append(label)
-        summary = rundir.read_json(batch_dir / rundir.RUNS / run["run_id"] / rundir.SUMMARY) or {}
-        if summary.get("status") != "completed":  # diverged, failed, interrupted, or not run
-            points[label]["bad"] = points[label]["bad"] or f"{run['run_id']}: {summary.get('status', 'not run')}"
-            continue
-        acc = summary.get("final_accuracy")
-        if acc is None or not math.isfinite(acc):
-            points[label]["bad"] = f"{run['run_id']}: no final accuracy"
-            continue
-        points[label]["acc"].append(acc)
-        points[label].setdefault("eval_data", summary.get("eval_data", "test"))
-    best, ruled_out = None, {}
-    for label in order:
-        pt = points[label]
-        if pt["bad"] is not None:
-            ruled_out[label] = pt["bad"]
-            continue
-        mean = sum(pt["acc"]) / len(pt["acc"])
-        if best is None or mean > best[1]:
-            best = (label, mean)
-    if best is None:
+    from analysis.select import select_points
+
+    sel = select_points(batch_dir)
+    if len(sel.chosen) != 1:
+        raise UserError(f"{batch_dir}: a tuning grid must tune one algorithm; it has "
+                        f"{', '.join(c['label'] for c in sel.chosen)}")
+    choice = sel.chosen[0]
+    if choice["params"] is None:
         raise UserError(f"{batch_dir}: no grid point completed on every seed; nothing to select")
-    pt = points[best[0]]
-    return {"params": pt["params"], "final_accuracy": best[1], "seeds": len(pt["acc"]),
-            "eval_data": pt.get("eval_data", "test"), "ruled_out": ruled_out}
+    params = {k: v for k, v in choice["params"].items() if k != "algorithm.name" and (keys is None or k in keys)}
+    ruled_out = {}
+    for row in sel.candidates.to_dict("records"):
+        if row.get("excluded"):
+            label = ", ".join(f"{k}={row[k]}" for k in choice["params"] if k in row)
+            ruled_out[label] = row["excluded"]
+    return {"params": params, "final_accuracy": choice["value"], "seeds": len(choice["seeds"]),
+            "eval_data": sel.eval_data, "ruled_out": ruled_out}
 
 
 def selection_overrides(study: Study, selected: dict, experiment: Experiment) -> list[str]:
@@ -283,9 +261,6 @@ def run_study(study: Study, out: str | Path, *, stages: Sequence[str] = STAGES, 
                                 "seeds": choice["seeds"], "eval_data": choice["eval_data"],
                                 "apply_to": list(t.apply_to),
                                 "ruled_out": {k: v for k, v in choice["ruled_out"].items()}}
-            if choice["eval_data"] != "validation":
-                log.warning("tuning %s evaluated on %s data, not a validation split (data.validation)", t.name,
-                            choice["eval_data"])
             say(f"  selected {choice['params']} (mean final {choice['eval_data']} accuracy "
                 f"{choice['final_accuracy']:.4f} over {choice['seeds']} seed(s))")
             tmp = out / (SELECTED + ".tmp")
