@@ -267,17 +267,10 @@ RESUME_KEYS = ("stop.", "name", "description", "threads")
 
 def resumed_scenario(run_dir: str | Path, overrides: list[str]):
     """The scenario of ``run_dir`` with ``--set stop.KEY=VALUE`` overrides (any other key refused)."""
-    from simulator.scenario import load_scenario
+    from simulator.scenario import run_folder_scenario
 
-    path = Path(run_dir) / rundir.SCENARIO
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no {rundir.SCENARIO})")
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_KEYS):
-            raise UserError(f"--set {key}: resume changes only stop.* keys, name, description and threads (a change "
-                            f"of {key} would make the run another run)")
-    return load_scenario(path, overrides)
+    return run_folder_scenario(run_dir, overrides, RESUME_KEYS, "resume", "a change of {key} would make the run "
+                                                                          "another run")
 
 
 def prepare_resume(run_dir: str | Path, scenario) -> Resume:

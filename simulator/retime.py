@@ -178,13 +178,6 @@ def retime_run(scenario, source: str | Path, out_dir: str | Path | None = None, 
 
 def retimed_scenario(run_dir: str | Path, overrides: list[str]):
     """The scenario of ``run_dir`` with ``--set time.KEY=VALUE`` overrides (any other key refused)."""
-    from simulator.scenario import load_scenario
+    from simulator.scenario import run_folder_scenario
 
-    path = Path(run_dir) / rundir.SCENARIO
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no {rundir.SCENARIO})")
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not key.startswith("time."):
-            raise UserError(f"--set {key}: retime changes only time.* keys (a change of {key} needs training)")
-    return load_scenario(path, overrides)
+    return run_folder_scenario(run_dir, overrides, ("time.",), "retime", "a change of {key} needs training")

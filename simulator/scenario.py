@@ -46,7 +46,7 @@ from simulator.config import (
     largest_draw,
 )
 from simulator.data import DATASETS
-from simulator.errors import ScenarioError
+from simulator.errors import ScenarioError, UserError
 
 #: Measured by ``benchmarks/zo_cost.py`` (docs/benchmarks.md, docs/time-model.md): drawing one
 #: N(0,1) float32 with torch's CPU generator costs as much host time as this many FLOPs of the
@@ -765,3 +765,22 @@ def _to_scenario_error(e: ValidationError, raw: dict) -> ScenarioError:
     if typ not in ("value_error", "missing") and not isinstance(got, (dict, list, BaseModel)):
         msg += f", got {_as_written(got)}"
     return ScenarioError(key, msg + more)
+
+
+def run_folder_scenario(run_dir: str | Path, overrides: list[str], allowed: tuple[str, ...], command: str,
+                        why: str) -> "Scenario":
+    """The scenario of a run folder (its scenario.yaml) with ``--set`` overrides whose keys are
+    ``allowed`` (exact keys, or prefixes ending in "."); any other key is a ``UserError`` saying
+    ``command`` changes only those and ``why``. Used by ``retime`` and ``resume``."""
+    from simulator import rundir
+
+    path = Path(run_dir) / rundir.SCENARIO
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no {rundir.SCENARIO})")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in allowed):
+            raise UserError(f"--set {key}: {command} changes only {', '.join(k + '*' if k.endswith('.') else k for k in allowed)} "
+                            f"({why.format(key=key)})")
+    return load_scenario(path, overrides)
+
