@@ -10,9 +10,17 @@ row (``Replay``): the run folder it writes is the one a full training run of the
 scenario writes, byte for byte, except ``summary.json``'s host-time fields (``rundir.HOST_TIME_FIELDS``:
 ``host_runtime_s``, ``eval_host_s``) and its ``retimed_from`` (docs/retime.md).
 
+``mu_splitfed`` with ``tau: adaptive`` takes as many server steps as fit before an arrival: its
+tensor work depends on the clock only through the number of steps per local iteration. It is
+re-timed when the new time model gives every local iteration the same number of steps as the
+finished run (``tau_used`` in ``client_rounds.csv``): a first timeline pass with no output
+checks that (``schedule_dependent``), and a different count is refused with one line naming
+the first local iteration that differs (``ScheduleChanged``; sweeps and comparisons then
+train the run).
+
 Refused, with one line saying why (a ``UserError``, exit 2): another algorithm (``splitfed_v2``
-updates one server model in arrival order, ``gas`` is asynchronous, adaptive ``tau`` steps
-until an arrival: their values depend on time), a change outside ``time.*``, evaluation by
+updates one server model in arrival order, ``gas`` is asynchronous: their values depend on
+time), adaptive ``tau`` whose step counts change, a change outside ``time.*``, evaluation by
 simulated time (``eval.every_sim_s``), a ``stop.sim_time_s`` (the round count would change),
 a timing-only run, or a run that did not complete. This module never trains.
 """
@@ -43,8 +51,6 @@ def why_not_retimable(scenario) -> Optional[str]:
         return "splitfed_v2 updates its one server model in the order activations arrive, which the time model changes"
     if name == "gas":
         return "gas is asynchronous: which model a client starts from and what each server update sees depend on time"
-    if name == "mu_splitfed" and algo.tau == "adaptive":
-        return "mu_splitfed with tau: adaptive takes as many server steps as fit before an arrival, which depends on time"
     if name not in ("splitfed_v1", "splitfed_zo", "mu_splitfed"):
         return f"{name} is not known to have time-independent tensor work"
     if scenario.eval.every_sim_s is not None:
@@ -54,6 +60,16 @@ def why_not_retimable(scenario) -> Optional[str]:
     if scenario.timing_only:
         return "it is a timing-only run: it has no values to replay"
     return None
+
+
+def schedule_dependent(scenario) -> bool:
+    """Whether re-timing ``scenario``'s runs needs its schedule checked first: ``mu_splitfed``
+    with ``tau: adaptive``, whose number of server steps per local iteration depends on time."""
+    return scenario.algorithm.name == "mu_splitfed" and scenario.algorithm.tau == "adaptive"
+
+
+class ScheduleChanged(UserError):
+    """The new time model changes a schedule-dependent run's tensor work: it needs training."""
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -85,16 +101,21 @@ class Replay(TimingOnly):
 
     has_values = True
 
-    def __init__(self, source: Path):
+    def __init__(self, source: Path, check_tau: bool = False):
         self.source = Path(source)
         self.evaluations = _read_metrics(self.source / rundir.METRICS)
         self.next_eval = 0
         self.losses: dict = {}
+        #: ``check_tau``: each row's ``tau_used`` must equal the finished run's (adaptive tau).
+        self.taus: Optional[dict] = {} if check_tau else None
         table = self.source / "client_rounds.csv"
         if table.exists():
             with table.open(newline="") as f:
                 for r in csv.DictReader(f):
-                    self.losses[(int(r["round"]), int(r["client"]), int(r["local_step"]))] = _float(r["server_loss"])
+                    key = (int(r["round"]), int(r["client"]), int(r["local_step"]))
+                    self.losses[key] = _float(r["server_loss"])
+                    if self.taus is not None:
+                        self.taus[key] = int(r["tau_used"])
 
     def evaluate(self, rounds_done: int) -> tuple[float, float]:
         i = self.next_eval
@@ -115,6 +136,11 @@ class Replay(TimingOnly):
         if key not in self.losses:
             raise RuntimeError(f"re-timing {self.source}: the finished run has no client_rounds row for round, "
                                f"client, local step {key}")
+        if self.taus is not None and row["tau_used"] != self.taus[key]:
+            raise ScheduleChanged(
+                f"cannot re-time {self.source}: with the new time model adaptive tau takes {row['tau_used']} server "
+                f"steps at round {key[0]}, client {key[1]}, local step {key[2]}, where the run took {self.taus[key]}: "
+                f"the tensor work changes and needs training")
         return {**row, "server_loss": self.losses[key]}
 
     def summary_fields(self) -> dict:
@@ -169,7 +195,12 @@ def retime_run(scenario, source: str | Path, out_dir: str | Path | None = None, 
 
     source = Path(source)
     check_source(source, scenario)
-    replay = Replay(source)
+    check_tau = schedule_dependent(scenario)
+    if check_tau:  # a first pass, writing nothing: raises ScheduleChanged before any output
+        probe = Replay(source, check_tau=True)
+        run_scenario(scenario, None, timing=probe)
+        probe.check_used_up()
+    replay = Replay(source, check_tau=check_tau)
     result = run_scenario(scenario, out_dir, progress=progress, overwrite=overwrite, in_place=in_place,
                           timing=replay)
     replay.check_used_up()

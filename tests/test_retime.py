@@ -132,10 +132,9 @@ def test_refuses_non_time_key(trained, tmp_path, capsys):
 @pytest.mark.parametrize("algo, match", [
     ({"name": "splitfed_v2"}, "splitfed_v2"),
     ({"name": "gas", "active_clients": 2, "local_steps": 2, "covariance": "diagonal"}, "gas is asynchronous"),
-    ({"name": "mu_splitfed", "tau": "adaptive"}, "adaptive"),
 ])
 def test_refuses_schedule_dependent_algorithms(tiny_raw, tmp_path, capsys, algo, match):
-    """splitfed_v2, gas and adaptive tau are refused: their values depend on time."""
+    """splitfed_v2 and gas are refused: their values depend on time."""
     raw = _raw(tiny_raw, algo)
     raw["stop"] = {"rounds": 1}
     run_scenario(validate(raw), tmp_path / "src")
@@ -240,3 +239,76 @@ def test_cli_sweep_says_it_retimes(tiny_raw, tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "o"), "--dry-run", "--no-retime"]) == 0
     out, err = capsys.readouterr()
     assert "re-time" not in out + err and out.count(": run") == 3
+
+
+ADAPTIVE = {"name": "mu_splitfed", "tau": "adaptive", "tau_max": 3, "participation": 0.6, "zo": {"perturbations": 2}}
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    """A trained adaptive-tau run whose step counts vary (2 and 3) with the time model."""
+    import csv
+
+    from tests.conftest import TINY
+
+    raw = _raw(TINY, ADAPTIVE)
+    source = tmp_path_factory.mktemp("adaptive") / "src"
+    run_scenario(validate(raw), source)
+    taus = {int(r["tau_used"]) for r in csv.DictReader((source / "client_rounds.csv").open())}
+    assert len(taus) > 1, taus  # the schedule really depends on time in this scenario
+    return raw, source
+
+
+def test_adaptive_retime_equals_full_run_when_steps_keep(adaptive_run, tmp_path):
+    """Adaptive tau is re-timed when the new time model keeps every step count: the folder a full run writes."""
+    raw, source = adaptive_run
+    modified = validate(apply_overrides(copy.deepcopy(raw), ["time.network.downlink.latency_s=0.0001"]))
+    full = run_scenario(modified, tmp_path / "full")
+    assert full.summary["sim_time_s"] != json.loads((source / "summary.json").read_text())["sim_time_s"]
+    retime_run(modified, source, tmp_path / "retimed")
+    _same_folder(tmp_path / "full", tmp_path / "retimed", source)
+
+
+def test_adaptive_retime_refused_when_steps_change(adaptive_run, tmp_path, capsys):
+    """A time model that changes a step count is refused with one line naming where; nothing is written."""
+    raw, source = adaptive_run
+    _refused(["retime", str(source), "--set", "time.server.capacity=3", "--out", str(tmp_path / "r")], capsys,
+             "adaptive tau takes 3 server steps at round 0")
+    assert not (tmp_path / "r").exists()
+    assert not [p for p in tmp_path.iterdir()]  # no partial folder either
+    from simulator.retime import ScheduleChanged
+
+    with pytest.raises(ScheduleChanged, match="needs training"):
+        retime_run(validate(apply_overrides(copy.deepcopy(raw), ["time.server.capacity=3"])), source, None)
+
+
+def test_sweep_trains_adaptive_points_whose_steps_change(tiny_raw, tmp_path):
+    """A sweep re-times the adaptive points whose step counts keep and trains the others: same outputs."""
+    import csv
+
+    import yaml
+
+    from simulator.experiments import plan_sweep, run_batch
+
+    base = _raw(tiny_raw, ADAPTIVE)
+    base["stop"] = {"rounds": 2}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "grid": {"time.network.downlink.latency_s": [0.01, 0.0001],
+                                      "time.server.capacity": [1, 3]}}))
+    plan = plan_sweep(tmp_path / "grid.yaml")
+    assert len(plan.retime_sources()) == 3
+    fast = run_batch(plan, tmp_path / "fast", workers=1, progress=False)
+    slow = run_batch(plan, tmp_path / "slow", workers=1, progress=False, retime=False)
+    assert fast.count("completed") == slow.count("completed") == 4
+    rows = {r["run_id"]: r for r in csv.DictReader((tmp_path / "fast" / "runs.csv").open())}
+    retimed = {rid for rid, r in rows.items() if r["retimed_from"]}
+    assert retimed and len(retimed) < 3  # some kept their step counts, some were trained instead
+    for spec in plan.specs:
+        a, b = tmp_path / "slow" / "runs" / spec.run_id, tmp_path / "fast" / "runs" / spec.run_id
+        if spec.run_id in retimed:
+            _same_folder(a, b, tmp_path / "fast" / "runs" / rows[spec.run_id]["retimed_from"])
+        else:
+            assert "retimed_from" not in json.loads((b / "run.json").read_text())
+            for name in ("events.csv", "metrics.csv", "client_rounds.csv"):
+                assert (a / name).read_bytes() == (b / name).read_bytes(), (spec.run_id, name)

@@ -46,8 +46,9 @@ def execute_run(spec: RunSpec, runs_dir: str, source: Optional[str] = None) -> d
 
     ``source``: the id of a finished run of the batch that ``spec`` differs from only in
     ``time.*`` keys: the run is re-timed from it (``simulator.retime``) instead of trained. A
-    source that did not complete (failed, diverged) is not re-timed from: the run trains."""
-    from simulator.retime import retime_run
+    source that did not complete (failed, diverged) is not re-timed from: the run trains; nor is
+    one whose schedule the new time model changes (adaptive tau: ``retime.ScheduleChanged``)."""
+    from simulator.retime import ScheduleChanged, retime_run
     from simulator.runner import divergence_warning_muted, run_scenario
     from simulator.scenario import validate
 
@@ -67,9 +68,15 @@ def execute_run(spec: RunSpec, runs_dir: str, source: Optional[str] = None) -> d
         with divergence_warning_muted():  # an outcome "diverged"; the batch's progress says it
             # in_place: this module lands runs/<id>.partial/ itself (rundir.land_finished / land_failed);
             # run_scenario still verifies the timeline, and a violation is a failed run.
+            result = None
             if source is not None:
-                result = retime_run(validate(spec.scenario), runs / source, partial, in_place=True)
-            else:
+                try:
+                    result = retime_run(validate(spec.scenario), runs / source, partial, in_place=True)
+                except ScheduleChanged as e:  # raised before anything is written: train instead
+                    log.info("run %s trains: %s", spec.run_id, e)
+                    meta.pop("retimed_from")
+                    rundir.write_json_atomic(partial / rundir.RUN_META, meta)
+            if result is None:
                 result = run_scenario(validate(spec.scenario), partial, progress=False, in_place=True)
     except Exception as e:  # a failing run is recorded; the batch goes on
         meta.update(status="failed", error=_one_line(e), host_s=_time.perf_counter() - t0, finished_at=rundir.now())
