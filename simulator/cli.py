@@ -572,6 +572,10 @@ def add_batch_commands(sub) -> None:
                    help="run only this experiment of the study (repeatable; its tunings still run)")
     p.add_argument("--workers", type=int, default=None, help="local Dask worker processes (1: in this process)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a scenario key for every run of the study, after the study's own set: (repeatable; "
+                        "e.g. --set device=cuda; use another --out: changed inputs are not mixed with runs made "
+                        "without them)")
     p.add_argument("--dry-run", action="store_true", help="list the tunings and experiments and their runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_study)
@@ -581,6 +585,7 @@ def cmd_study(args) -> int:
     from simulator.experiments.study import STAGES, load_study, run_study
 
     study = load_study(args.study)
+    study.overrides = tuple(study.overrides) + tuple(args.overrides)
     if args.only:
         missing = [n for n in args.only if n not in study.experiments]
         if missing:

@@ -138,3 +138,17 @@ def test_a_missing_dataset_is_refused_before_anything_runs(study_dir, capsys, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cifar10" in err and "looked in" in err, err
     assert not (study_dir / "out").exists()
+
+
+def test_cli_set_applies_to_every_run_and_bad_keys_are_refused(study_dir, capsys, monkeypatch):
+    """study --set KEY=VALUE reaches every run (tuning and experiments); a wrong key is one line, exit 2."""
+    out = study_dir / "out"
+    assert main(["study", str(study_dir / "study.yaml"), "--out", str(out), "--set", "stop.rounds=1",
+                 "--workers", "1", "--no-progress"]) == 0
+    metas = [json.loads((out / sub / rundir.BATCH_META).read_text()) for sub in ("tuning/v1", "cmp")]
+    assert all(run["scenario"]["stop"]["rounds"] == 1 for m in metas for run in m["runs"])
+    capsys.readouterr()
+    assert main(["study", str(study_dir / "study.yaml"), "--out", str(study_dir / "o2"), "--set", "stop.roundz=1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stop.roundz" in err, err
