@@ -44,6 +44,18 @@ def straggler_table(batch: Path, target: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _finish(fig, ax, out: Path, ticks, labels, xlabel: str, ylabel: str, title: str) -> Path:
+    """A log2 x axis with the given ticks, the labels, a legend; saved to ``out``."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    return out
+
+
 def plot_stragglers(batch: Path, target: float, out: Path) -> Path:
     t = straggler_table(batch, target)
     fig, ax = new_figure()
@@ -52,14 +64,9 @@ def plot_stragglers(batch: Path, target: float, out: Path) -> Path:
             continue
         g = g.sort_values("factor")
         ax.errorbar(g["factor"], g["time"], yerr=g["ci"], marker="o", capsize=3, label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([1, 2, 4, 8], ["x1", "x2", "x4", "x8"])
-    ax.set_xlabel("straggler tier slowed (20% of the clients)")
-    ax.set_ylabel(f"simulated time to {100 * target:g}% test accuracy (s)")
-    ax.set_title("C2: time to target vs straggler slowdown (mean, 95% CI, 3 seeds)")
-    ax.legend(fontsize=8)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    return out
+    return _finish(fig, ax, out, [1, 2, 4, 8], ["x1", "x2", "x4", "x8"], "straggler tier slowed (20% of the clients)",
+                   f"simulated time to {100 * target:g}% test accuracy (s)",
+                   "C2: time to target vs straggler slowdown (mean, 95% CI, 3 seeds)")
 
 
 def plot_speedup(batch: Path, target: float, out: Path) -> Path:
@@ -80,14 +87,9 @@ def plot_speedup(batch: Path, target: float, out: Path) -> Path:
     ax.errorbar(taus, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label="measured")
     base = pts[0][1]
     ax.plot(taus, [base / t for t in taus], ls="--", color="0.4", label="ideal: rounds(tau 1) / tau")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(taus, [str(t) for t in taus])
-    ax.set_xlabel("tau (server steps per local iteration)")
-    ax.set_ylabel(f"rounds to {100 * target:g}% test accuracy")
-    ax.set_title("C3: rounds to target vs tau (straggler x1, mean, 95% CI, 3 seeds)")
-    ax.legend(fontsize=8)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    return out
+    return _finish(fig, ax, out, taus, [str(t) for t in taus], "tau (server steps per local iteration)",
+                   f"rounds to {100 * target:g}% test accuracy",
+                   "C3: rounds to target vs tau (straggler x1, mean, 95% CI, 3 seeds)")
 
 
 def main(argv: list[str]) -> int:

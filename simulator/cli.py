@@ -661,12 +661,13 @@ def _run_cli(plan: experiments.Plan, out: Path, args) -> int:
                   f"(dropped_keys in {rundir.RUN_META})", file=sys.stderr)
     sources = {} if args.no_retime else plan.retime_sources()
     if sources:
+        adaptive = any(s.scenario.get("algorithm", {}).get("tau") == "adaptive" for s in plan.specs
+                       if s.run_id in sources)
         print(f"{plan.kind}: {len(sources)} of {len(plan.specs)} runs differ from another run only in time.* keys: "
               f"they are re-timed from its trained run instead of trained (sflsim retime; --no-retime trains every "
-              f"run); runs.csv says retimed_from" + ("; adaptive tau is re-timed only where the new time model "
-              "keeps its step counts, else trained" if any(s.scenario.get("algorithm", {}).get("tau") == "adaptive"
-                                                             for s in plan.specs if s.run_id in sources) else ""),
-              file=sys.stderr)
+              f"run); runs.csv says retimed_from"
+              + ("; adaptive tau is re-timed only where the new time model keeps its step counts, else trained"
+                 if adaptive else ""), file=sys.stderr)
     if args.dry_run:
         runs_dir = out / rundir.RUNS
         for s in plan.specs:

@@ -196,11 +196,11 @@ def retime_run(scenario, source: str | Path, out_dir: str | Path | None = None, 
     source = Path(source)
     check_source(source, scenario)
     check_tau = schedule_dependent(scenario)
-    if check_tau:  # a first pass, writing nothing: raises ScheduleChanged before any output
-        probe = Replay(source, check_tau=True)
-        run_scenario(scenario, None, timing=probe)
-        probe.check_used_up()
     replay = Replay(source, check_tau=check_tau)
+    if check_tau:  # a first pass, writing nothing: raises ScheduleChanged before any output
+        run_scenario(scenario, None, timing=replay)
+        replay.check_used_up()
+        replay.next_eval = 0  # the same values, replayed again by the pass that writes
     result = run_scenario(scenario, out_dir, progress=progress, overwrite=overwrite, in_place=in_place,
                           timing=replay)
     replay.check_used_up()
