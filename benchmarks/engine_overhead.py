@@ -30,16 +30,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from simulator.algorithms.common import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
+
+from simulator.algorithms.common import (  # noqa: E402
     ClientBatches, aggregate, batch_tensors, clone, forward, leaf, params_of, select_clients,
 )
-from simulator.algorithms.splitfed import client_backward_step, server_step
-from simulator.runner import build_context
-from simulator.scenario import validate
+from simulator.algorithms.splitfed import client_backward_step, server_step  # noqa: E402
+from simulator.runner import build_context  # noqa: E402
+from simulator.scenario import validate  # noqa: E402
 
 
 def scenario(model: str, rounds: int, threads: int, clients: int, steps: int):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from simulator.experiments import plan_sweep, run_batch
-from simulator.runner import run_scenario
-from simulator.scenario import validate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
+
+from simulator.experiments import plan_sweep, run_batch  # noqa: E402
+from simulator.runner import run_scenario  # noqa: E402
+from simulator.scenario import validate  # noqa: E402
 
 FACTORS = [1.0, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02]
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from simulator.runner import run_scenario
-from simulator.scenario import validate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without `pip install -e .`
+
+from simulator.runner import run_scenario  # noqa: E402
+from simulator.scenario import validate  # noqa: E402
 
 
 def scenario(rounds: int, clients: int, timing_only: bool, participation: float = 0.5, steps: int = 10,
