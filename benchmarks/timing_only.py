@@ -6,8 +6,10 @@ as a timing-only run (``timing_only: true``), ``--repeats`` times each, and prin
 host seconds, simulated client operations per host second (client compute and messages:
 events.csv rows with a client), and the ratio training / timing-only. Then one large
 timing-only run (``--large-clients`` clients, ``--large-rounds`` rounds, every client in every
-round) and its rate. Whole runs are timed (start-up included: data labels, model, cut profile,
-output files). Usage:
+round) and its rate, then the same with twice the rounds, which gives the host time of a round
+without the start-up and projects a 1,000-round run (the issue's "1,000 rounds of 1,000
+clients"). Whole runs are timed (start-up included: data labels, model, cut profile, output
+files). Usage:
 
     python benchmarks/timing_only.py [--rounds 4] [--repeats 3] [--large-clients 1000 --large-rounds 20]
 """
@@ -90,7 +92,19 @@ def main() -> None:
     print(f"RESULT timing_only.client_ops_per_s_{args.large_clients}_clients = {ops / host:.0f}  simulated client "
           f"operations per host second, timing-only ({args.large_clients * args.large_rounds / host:,.0f} clients x "
           f"rounds per host second)")
-
+    # The issue's question: how long would 1,000 rounds of these clients take? The same scenario
+    # again with twice the rounds gives the cost of a round without the start-up (data, model,
+    # profile, per-client draws) and the end-of-run checks: projected = host(R) + (1000 - R) x
+    # (host(2R) - host(R)) / R.
+    host2, _, _ = timed(scenario(2 * args.large_rounds, args.large_clients, True, participation=1.0, steps=2,
+                                 test_limit=100))
+    per_round = (host2 - host) / args.large_rounds
+    projected = host + (1000 - args.large_rounds) * per_round
+    print(f"the same with {2 * args.large_rounds} rounds: {host2:.1f} s host, so {per_round:.2f} s per round "
+          f"without start-up; 1,000 rounds projected: {projected:,.0f} s ({projected / 60:.1f} min)")
+    print(f"RESULT timing_only.projected_s_1000_rounds_{args.large_clients}_clients = {projected:.0f}  projected "
+          f"host seconds of a 1,000-round timing-only run of {args.large_clients} clients (from runs of "
+          f"{args.large_rounds} and {2 * args.large_rounds} rounds)")
 
 if __name__ == "__main__":
     main()
