@@ -84,8 +84,10 @@ def main() -> None:
     print(f"ratio training / timing-only: {h_train / h_timing:.1f}x")
     print(f"RESULT timing_only.speedup_vs_training = {h_train / h_timing:.2f}  host time of training / timing-only, same scenario")
 
-    big = scenario(args.large_rounds, args.large_clients, True, participation=1.0, steps=2, test_limit=100)
-    host, ops, sim = timed(big)
+    def large(rounds: int):  # every client in every round, 2 local steps
+        return scenario(rounds, args.large_clients, True, participation=1.0, steps=2, test_limit=100)
+
+    host, ops, sim = timed(large(args.large_rounds))
     print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 local "
           f"steps): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
           f"{ops / host:,.0f} client ops / host s")
@@ -96,8 +98,7 @@ def main() -> None:
     # again with twice the rounds gives the cost of a round without the start-up (data, model,
     # profile, per-client draws) and the end-of-run checks: projected = host(R) + (1000 - R) x
     # (host(2R) - host(R)) / R.
-    host2, _, _ = timed(scenario(2 * args.large_rounds, args.large_clients, True, participation=1.0, steps=2,
-                                 test_limit=100))
+    host2, _, _ = timed(large(2 * args.large_rounds))
     per_round = (host2 - host) / args.large_rounds
     projected = host + (1000 - args.large_rounds) * per_round
     print(f"the same with {2 * args.large_rounds} rounds: {host2:.1f} s host, so {per_round:.2f} s per round "
