@@ -107,5 +107,6 @@ def main() -> None:
           f"host seconds of a 1,000-round timing-only run of {args.large_clients} clients (from runs of "
           f"{args.large_rounds} and {2 * args.large_rounds} rounds)")
 
+
 if __name__ == "__main__":
     main()

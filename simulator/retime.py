@@ -146,6 +146,10 @@ class Replay(TimingOnly):
     def summary_fields(self) -> dict:
         return {"retimed_from": str(self.source)}
 
+    def rewind(self) -> None:
+        """Replay the same values again from the first evaluation (a second pass of the same run)."""
+        self.next_eval = 0
+
     def check_used_up(self) -> None:
         """Every evaluation of the finished run was replayed (else the round counts differ)."""
         if self.next_eval != len(self.evaluations):
@@ -200,7 +204,7 @@ def retime_run(scenario, source: str | Path, out_dir: str | Path | None = None, 
     if check_tau:  # a first pass, writing nothing: raises ScheduleChanged before any output
         run_scenario(scenario, None, timing=replay)
         replay.check_used_up()
-        replay.next_eval = 0  # the same values, replayed again by the pass that writes
+        replay.rewind()  # the same values, replayed again by the pass that writes
     result = run_scenario(scenario, out_dir, progress=progress, overwrite=overwrite, in_place=in_place,
                           timing=replay)
     replay.check_used_up()
