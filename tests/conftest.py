@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import copy
+import signal
 
 import pytest
 import torch
 
 # Tests compare traces byte for byte: fix the thread count so float sums are ordered the same.
 torch.set_num_threads(1)
+
+# The Ctrl-C tests send SIGINT to this process and to `sflsim run` subprocesses. A shell that
+# starts a job in the background (`make test &`, nohup) sets SIGINT to "ignore", which Python
+# and every child would inherit: no KeyboardInterrupt, and those tests fail for a reason that
+# is not sflsim's. Put back what an interactive shell gives (children then start with SIGINT at
+# its default, so Python installs its own handler there too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY = {
     "name": "tiny",
