@@ -50,6 +50,7 @@ TARGETS: dict[str, tuple[str, object]] = {
     "timing_only.client_ops_per_s_1000_clients": ("informative", None),
     "timing_only.projected_s_1000_rounds_1000_clients": ("1,000 rounds x 1,000 clients in seconds (< 60 s)",
                                                          lambda v: v < 60),
+    "timing_only.peak_rss_ratio_2x_rounds": ("informative: ~1 when memory does not grow with the run", None),
     "retime.sweep8_vs_one_run": ("<= 1.3x", lambda v: v <= 1.3),
     "zo.server_step_vs_2p_forwards_max": ("<= 1.5x", lambda v: v <= 1.5),
     "zo.charged_vs_measured_min": (">= 0.75", lambda v: v >= 0.75),

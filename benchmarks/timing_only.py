@@ -6,18 +6,22 @@ as a timing-only run (``timing_only: true``), ``--repeats`` times each, and prin
 host seconds, simulated client operations per host second (client compute and messages:
 events.csv rows with a client), and the ratio training / timing-only. Then one large
 timing-only run (``--large-clients`` clients, ``--large-rounds`` rounds, every client in every
-round) and its rate, then the same with twice the rounds, which gives the host time of a round
-without the start-up and projects a 1,000-round run (the issue's "1,000 rounds of 1,000
-clients"). Whole runs are timed (start-up included: data labels, model, cut profile, output
-files). Usage:
+round, into an output folder as ``sflsim run`` writes one, in a fresh process) and its rate, then
+the same with twice the rounds, which gives the host time of a round without the start-up and
+projects a 1,000-round run (the issue's "1,000 rounds of 1,000 clients"); the peak memory of the
+two shows it does not grow with the run (spans are streamed to events.csv). Whole runs are
+timed (start-up and the end-of-run verification included). Usage:
 
     python benchmarks/timing_only.py [--rounds 4] [--repeats 3] [--large-clients 1000 --large-rounds 20]
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,7 +66,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--large-clients", type=int, default=1000)
     ap.add_argument("--large-rounds", type=int, default=20)
+    ap.add_argument("--child", nargs=3, metavar=("ROUNDS", "CLIENTS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(int(args.child[0]), int(args.child[1]), args.child[2])
     torch.set_num_threads(1)
 
     train, timing = [], []
@@ -84,28 +91,54 @@ def main() -> None:
     print(f"ratio training / timing-only: {h_train / h_timing:.1f}x")
     print(f"RESULT timing_only.speedup_vs_training = {h_train / h_timing:.2f}  host time of training / timing-only, same scenario")
 
-    def large(rounds: int):  # every client in every round, 2 local steps
-        return scenario(rounds, args.large_clients, True, participation=1.0, steps=2, test_limit=100)
-
-    host, ops, sim = timed(large(args.large_rounds))
-    print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 local "
-          f"steps): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
-          f"{ops / host:,.0f} client ops / host s")
-    print(f"RESULT timing_only.client_ops_per_s_{args.large_clients}_clients = {ops / host:.0f}  simulated client "
-          f"operations per host second, timing-only ({args.large_clients * args.large_rounds / host:,.0f} clients x "
-          f"rounds per host second)")
-    # The issue's question: how long would 1,000 rounds of these clients take? The same scenario
-    # again with twice the rounds gives the cost of a round without the start-up (data, model,
-    # profile, per-client draws) and the end-of-run checks: projected = host(R) + (1000 - R) x
-    # (host(2R) - host(R)) / R.
-    host2, _, _ = timed(large(2 * args.large_rounds))
+    # The large runs go through an output folder, as `sflsim run --timing-only` does (spans
+    # streamed to events.csv, the folder verified at the end), each in a fresh process so that
+    # its peak memory is its own.
+    with tempfile.TemporaryDirectory() as tmp:
+        host, ops, sim, rss = large_child(args.large_rounds, args.large_clients, Path(tmp) / "a")
+        print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 "
+              f"local steps, into a folder): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
+              f"{ops / host:,.0f} client ops / host s, peak RSS {rss:,.0f} MB")
+        print(f"RESULT timing_only.client_ops_per_s_{args.large_clients}_clients = {ops / host:.0f}  simulated client "
+              f"operations per host second, timing-only ({args.large_clients * args.large_rounds / host:,.0f} clients "
+              f"x rounds per host second)")
+        # The issue's question: how long would 1,000 rounds of these clients take? The same scenario
+        # again with twice the rounds gives the cost of a round without the start-up (data, model,
+        # profile, per-client draws) and the end-of-run checks: projected = host(R) + (1000 - R) x
+        # (host(2R) - host(R)) / R. Peak memory of the two says whether it grows with the run.
+        host2, _, _, rss2 = large_child(2 * args.large_rounds, args.large_clients, Path(tmp) / "b")
     per_round = (host2 - host) / args.large_rounds
     projected = host + (1000 - args.large_rounds) * per_round
     print(f"the same with {2 * args.large_rounds} rounds: {host2:.1f} s host, so {per_round:.2f} s per round "
-          f"without start-up; 1,000 rounds projected: {projected:,.0f} s ({projected / 60:.1f} min)")
+          f"without start-up; 1,000 rounds projected: {projected:,.0f} s ({projected / 60:.1f} min); peak RSS "
+          f"{rss2:,.0f} MB (x{rss2 / rss:.2f} for twice the rounds)")
     print(f"RESULT timing_only.projected_s_1000_rounds_{args.large_clients}_clients = {projected:.0f}  projected "
           f"host seconds of a 1,000-round timing-only run of {args.large_clients} clients (from runs of "
           f"{args.large_rounds} and {2 * args.large_rounds} rounds)")
+    print(f"RESULT timing_only.peak_rss_ratio_2x_rounds = {rss2 / rss:.3f}  peak memory of the {2 * args.large_rounds}-"
+          f"round run / the {args.large_rounds}-round run (1.0: memory does not grow with the run)")
+
+
+def large_child(rounds: int, clients: int, out: Path) -> tuple[float, int, float, float]:
+    """(host s, client ops, simulated s, peak RSS MB) of one large timing-only run into ``out``,
+    in a fresh process (``--child``)."""
+    cmd = [sys.executable, __file__, "--child", str(rounds), str(clients), str(out)]
+    line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    host, ops, sim, rss = line.split()
+    return float(host), int(ops), float(sim), float(rss)
+
+
+def child(rounds: int, clients: int, out: str) -> None:
+    torch.set_num_threads(1)
+    s = scenario(rounds, clients, True, participation=1.0, steps=2, test_limit=100)
+    t0 = time.perf_counter()
+    res = run_scenario(s, out)
+    host = time.perf_counter() - t0
+    with open(Path(out) / "events.csv") as f:
+        next(f)
+        ops = sum(1 for line in f if not line.startswith(","))  # rows with a client
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(host, ops, res.summary["sim_time_s"], rss)
 
 
 if __name__ == "__main__":

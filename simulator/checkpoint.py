@@ -56,7 +56,7 @@ SNAPSHOT_SHARE = 0.01
 # Taking checkpoints
 # --------------------------------------------------------------------------------------------
 def _tables_written(recorder) -> dict:
-    return {name: len(rows) for name, rows in recorder.tables.items()}
+    return recorder.table_counts()
 
 
 def _engine(sim) -> dict:
@@ -90,7 +90,7 @@ class Checkpointer:
             "sim_time_s": float(self.sim.now),
             "every": self.every,
             "engine": _engine(self.sim),
-            "rows": {"events": len(rec.events), "metrics": len(rec.metrics), "tables": _tables_written(rec)},
+            "rows": {"events": rec.event_count, "metrics": len(rec.metrics), "tables": _tables_written(rec)},
             "algorithm": self.algo.checkpoint_state(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -237,7 +237,7 @@ class Resume:
                                f"counters differ from the checkpoint's: the timeline differs (was sflsim changed "
                                f"since the run?)")
         rows = self.checkpoint["rows"]
-        have = {"events": len(recorder.events), "metrics": len(recorder.metrics), "tables": _tables_written(recorder)}
+        have = {"events": recorder.event_count, "metrics": len(recorder.metrics), "tables": _tables_written(recorder)}
         if have != rows:
             raise RuntimeError(f"resuming {self.source}: at round {self.round} the replay has {have} rows, the "
                                f"checkpoint {rows}: the timeline differs (was sflsim changed since the run?)")

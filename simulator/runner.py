@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """What a run produced: the summary, and the recorder with every span and metric."""
+    """What a run produced: the summary, and the recorder with every metric (and every span when
+    the run had no output folder; with one, the spans were streamed to its events.csv)."""
 
     summary: dict
     recorder: Recorder
@@ -67,10 +68,12 @@ class RunResult:
 
     @property
     def events(self):
-        """Events as a pandas DataFrame."""
+        """Events as a pandas DataFrame (read back from events.csv when they were streamed)."""
         import pandas as pd
         from simulator.trace import EVENT_COLUMNS
 
+        if not self.recorder.keep_events:
+            return pd.read_csv(self.out_dir / rundir.EVENTS)
         return pd.DataFrame(self.recorder.events, columns=list(EVENT_COLUMNS))
 
 
@@ -657,7 +660,7 @@ def _summary(scenario, sim, recorder, ctx, algo, ctl, status, host_s) -> dict:
         "bytes_down": recorder.bytes_down,
         "server_busy_s": busy,
         "server_busy_fraction": (busy / total) if total > 0 else None,
-        "events": len(recorder.events),
+        "events": recorder.event_count,
         "evaluations": len(recorder.metrics),
         "eval_data": "test" if scenario.data.validation is None else "validation",
         "eval_subset_samples": evals["eval_subset_samples"],

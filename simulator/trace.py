@@ -1,5 +1,12 @@
 """The Recorder: every charged span and every evaluation, buffered and written as CSV.
 
+With an output folder, spans are streamed: each flush writes the buffered spans to
+``events.csv`` and lets them go, so a run's memory does not grow with its length (a
+timing-only run of 1,000 rounds of 1,000 clients writes 24 M spans). What the summary needs
+is kept as it goes: the span count, the bytes sent and the server's busy intervals. The
+algorithms' tables are streamed the same way (their row counts are kept). Without a folder (a
+notebook's ``run_scenario(s)``) every span and row stays in memory.
+
 Spans go to ``events.csv``, evaluations to ``metrics.csv`` (one line written and flushed per
 evaluation, so an interrupted run keeps every evaluation it made; each line says which test
 samples it used: ``eval_set`` and ``eval_samples``), and algorithm-specific
@@ -14,6 +21,7 @@ import io
 import os
 import signal
 import threading
+from array import array
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -124,21 +132,41 @@ class _CsvFile:
 class Recorder:
     """Keeps spans, metrics and extra tables in memory and, with ``out_dir``, on disk."""
 
-    def __init__(self, out_dir: Optional[Path] = None, flush_every: int = 2000):
+    def __init__(self, out_dir: Optional[Path] = None, flush_every: int = 2000,
+                 keep_events: Optional[bool] = None):
+        """``keep_events``: keep every span in ``events`` (default: only without ``out_dir``;
+        with one, ``events`` holds the spans not yet written)."""
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.keep_events = self.out_dir is None if keep_events is None else bool(keep_events)
+        if not self.keep_events and self.out_dir is None:
+            raise ValueError("a recorder without out_dir must keep its events (nowhere to stream them)")
         self.events: list[Span] = []
         self.metrics: list[dict] = []
         self.tables: dict[str, list[dict]] = {}
         self.bytes_up = 0
         self.bytes_down = 0
         self._flush_every = flush_every
-        self._events_written = 0
-        self._tables_written: dict[str, int] = {}
+        self._events_written = 0  # of those in ``events``
+        self._events_dropped = 0  # written and let go (streaming)
+        self._server_start = array("d")  # the server's spans, for busy_time
+        self._server_end = array("d")
+        self._tables_written: dict[str, int] = {}  # of those in ``tables[name]``
+        self._tables_dropped: dict[str, int] = {}
+        self._table_columns: dict[str, list] = {}
         self._files: dict[str, _CsvFile] = {}
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._files["events"] = _CsvFile(self.out_dir / rundir.EVENTS, EVENT_COLUMNS)
             self._files["metrics"] = _CsvFile(self.out_dir / rundir.METRICS, METRIC_COLUMNS)
+
+    @property
+    def event_count(self) -> int:
+        """Spans recorded so far (written or not, kept or not)."""
+        return self._events_dropped + len(self.events)
+
+    def table_counts(self) -> dict[str, int]:
+        """Rows of each algorithm table so far (written or not, kept or not)."""
+        return {name: self._tables_dropped.get(name, 0) + len(rows) for name, rows in self.tables.items()}
 
     # -- spans ---------------------------------------------------------------------------
     def span(self, *, client, party, kind, round, seq, start_s, end_s, wait_s, flops, nbytes,
@@ -155,6 +183,9 @@ class Recorder:
             self.bytes_up += span.nbytes
         elif party == "downlink":
             self.bytes_down += span.nbytes
+        elif party == "server":
+            self._server_start.append(span.start_s)
+            self._server_end.append(span.end_s)
         if len(events) - self._events_written >= self._flush_every:
             self.flush()
 
@@ -184,8 +215,9 @@ class Recorder:
     def table(self, name: str, row: dict) -> None:
         """A row of an algorithm-specific table ``<name>.csv`` (columns fixed by its first row)."""
         rows = self.tables.setdefault(name, [])
-        if rows and list(row) != list(rows[0]):
-            raise ValueError(f"table {name}: columns {list(row)} differ from {list(rows[0])}")
+        columns = self._table_columns.setdefault(name, list(row))
+        if list(row) != columns:
+            raise ValueError(f"table {name}: columns {list(row)} differ from {columns}")
         rows.append(dict(row))
 
     # -- disk ----------------------------------------------------------------------------
@@ -206,15 +238,23 @@ class Recorder:
         if new:
             self._files["events"].write_spans(new)
         self._events_written = len(self.events)
+        if not self.keep_events:
+            self._events_dropped += len(self.events)
+            self.events = []
+            self._events_written = 0
         for name, rows in self.tables.items():
             if name not in self._files:
-                self._files[name] = _CsvFile(self.out_dir / f"{name}.csv", tuple(rows[0]))
+                self._files[name] = _CsvFile(self.out_dir / f"{name}.csv", tuple(self._table_columns[name]))
                 self._tables_written[name] = 0
             done = self._tables_written[name]
             if len(rows) > done:
                 cols = self._files[name].columns
                 self._files[name].write([tuple(r[c] for c in cols) for r in rows[done:]])
                 self._tables_written[name] = len(rows)
+            if not self.keep_events:
+                self._tables_dropped[name] = self._tables_dropped.get(name, 0) + len(rows)
+                rows.clear()
+                self._tables_written[name] = 0
 
     def close(self) -> None:
         """Flush and close every file."""
@@ -224,8 +264,24 @@ class Recorder:
 
     # -- summaries -----------------------------------------------------------------------
     def busy_time(self, party: str = "server") -> float:
-        """Seconds during which at least one span of ``party`` was running (union of spans)."""
-        spans = sorted((e.start_s, e.end_s) for e in self.events if e.party == party and e.end_s > e.start_s)
+        """Seconds during which at least one span of ``party`` was running (union of spans).
+
+        The server's spans are kept for this as they come (two floats each), so it works when
+        the spans themselves were streamed; other parties need ``keep_events``.
+        """
+        if party == "server":
+            import numpy as np
+
+            start = np.frombuffer(self._server_start, dtype=np.float64)
+            end = np.frombuffer(self._server_end, dtype=np.float64)
+            busy = end > start
+            start, end = start[busy], end[busy]
+            order = np.lexsort((end, start))  # by start, then end
+            spans = zip(start[order].tolist(), end[order].tolist())
+        else:
+            if not self.keep_events:
+                raise ValueError(f"busy_time({party!r}): the spans were streamed to disk, not kept")
+            spans = sorted((e.start_s, e.end_s) for e in self.events if e.party == party and e.end_s > e.start_s)
         total, cur_s, cur_e = 0.0, None, None
         for s, e in spans:
             if cur_e is None or s > cur_e:
@@ -240,6 +296,8 @@ class Recorder:
 
     def events_csv_text(self) -> str:
         """The events table as CSV text (for tests and notebooks without an out_dir)."""
+        if not self.keep_events:
+            raise ValueError("events_csv_text: the spans were streamed to events.csv, not kept; read that file")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(EVENT_COLUMNS)

@@ -45,6 +45,8 @@ CHECKS = ("spans", "client_compute", "links", "server_capacity", "seq", "totals"
 LINKS = ("uplink", "downlink")
 EVAL_MARKS = ("eval_set", "eval_samples")  # metrics.csv columns that say which test samples a row used
 REL_TOL = 1e-9
+#: the events.csv columns the checks read (the others, round, flops and rng_elements, are not loaded)
+CHECKED_COLUMNS = ("client", "party", "kind", "seq", "start_s", "end_s", "wait_s", "nbytes")
 _UNSET: Any = object()
 
 
@@ -84,11 +86,12 @@ class RunData:
 # Reading
 # --------------------------------------------------------------------------------------------
 def _events_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns as numbers (client: float, NaN for server-only work), party and kind as text."""
+    """Columns as numbers (client: float, NaN for server-only work), party and kind as text
+    categories (a byte a row: a timing-only run can have tens of millions of rows)."""
     out = pd.DataFrame({
         "client": pd.to_numeric(df["client"], errors="coerce").astype(float),
-        "party": df["party"].astype(str),
-        "kind": df["kind"].astype(str),
+        "party": df["party"].astype(str).astype("category") if df["party"].dtype != "category" else df["party"],
+        "kind": df["kind"].astype(str).astype("category") if df["kind"].dtype != "category" else df["kind"],
         "seq": pd.to_numeric(df["seq"], errors="coerce"),
     })
     for col in ("start_s", "end_s", "wait_s"):
@@ -108,14 +111,17 @@ def load_run(run_dir: str | Path) -> tuple[RunData, list[Violation]]:
         raise UserError(f"{d}: no {rundir.EVENTS}; not a run folder")
     missing: list[Violation] = []
     try:
-        raw = pd.read_csv(d / rundir.EVENTS, dtype={"party": str, "kind": str}, keep_default_na=False,
+        header = pd.read_csv(d / rundir.EVENTS, nrows=0).columns
+        raw = pd.read_csv(d / rundir.EVENTS, dtype={"party": "category", "kind": "category"},
+                          keep_default_na=False, usecols=lambda c: c in CHECKED_COLUMNS,
                           na_values={c: [""] for c in EVENT_COLUMNS if c not in ("party", "kind")})
     except (ValueError, pd.errors.ParserError) as e:
         raise UserError(f"{d / rundir.EVENTS}: unreadable ({e})") from None
-    lacking = [c for c in EVENT_COLUMNS[:10] if c not in raw.columns]
+    lacking = [c for c in EVENT_COLUMNS[:10] if c not in header]
     if lacking:
         raise UserError(f"{d / rundir.EVENTS}: columns {lacking} missing")
     data = RunData(_events_frame(raw))
+    del raw  # a second copy of every row, until the function returns
     if (d / rundir.METRICS).is_file():
         m = pd.read_csv(d / rundir.METRICS)
         required = tuple(c for c in METRIC_COLUMNS if c not in EVAL_MARKS)  # older runs have no marks
@@ -229,23 +235,38 @@ def check_overlaps(ev: pd.DataFrame, keys: tuple[str, ...], check_name: str, wha
     """Within each group of ``keys``, no span starts before an earlier-starting one has ended."""
     if ev.empty:
         return []
-    ev = ev.assign(_c=ev.client.fillna(-1.0))
-    by = ["_c"] + [k for k in keys if k != "client"]
-    s = ev.sort_values(by + ["start_s", "end_s"], kind="mergesort")
-    prev_end = s.groupby(by, sort=False).end_s.cummax().groupby([s[k] for k in by], sort=False).shift()
-    hit = (s.start_s < prev_end).to_numpy()
-    idx = np.flatnonzero(hit)
+    start, end = ev.start_s.to_numpy(), ev.end_s.to_numpy()
+    order, group = _grouped_order(ev, keys, (end, start))  # by group, start, end
+    start, end = start[order], end[order]
+    reach = pd.Series(end).groupby(group, sort=False).cummax().to_numpy()  # latest end so far in the group
+    first = np.r_[True, group[1:] != group[:-1]]
+    prev_end = np.r_[np.nan, reach[:-1]]
+    prev_end[first] = np.nan
+    idx = np.flatnonzero(start < prev_end)
+    heads = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))  # each row's group's first row
     msgs = []
     for i in idx[:limit]:
-        r = s.iloc[i]
-        group = s.iloc[:i]
-        mask = np.ones(len(group), bool)
-        for k in by:
-            mask &= (group[k] == r[k]).to_numpy()
-        earlier = group[mask & (group.end_s > r.start_s).to_numpy()].iloc[0]
+        r = ev.iloc[order[i]]
+        j = heads[i] + np.flatnonzero(end[heads[i]:i] > start[i])[0]  # the earliest-starting span it overlaps
+        earlier = ev.iloc[order[j]]
         link = f" {r.party}" if "party" in keys else ""
         msgs.append(f"{_who(r.client)}{link}: {what} {_span(r)} overlaps {_span(earlier)}")
     return _capped(check_name, msgs, len(idx), limit)
+
+
+def _grouped_order(ev: pd.DataFrame, keys: tuple[str, ...], within: tuple[np.ndarray, ...]):
+    """The stable order of ``ev`` by client (server-side work as -1), then the other ``keys`` in
+    text order, then ``within`` (numpy's lexsort: last key first), and each sorted row's group
+    number. Plain arrays, no copies of the frame (runs can have tens of millions of rows)."""
+    client = ev.client.fillna(-1.0).to_numpy()
+    others = [pd.factorize(ev[k], sort=True)[0] for k in keys if k != "client"]
+    order = np.lexsort((*within, *reversed(others), client))
+    keyed = [client[order], *(o[order] for o in others)]
+    change = np.zeros(len(order), bool)
+    change[0] = True
+    for k in keyed:
+        change[1:] |= k[1:] != k[:-1]
+    return order, np.cumsum(change)
 
 
 def check_server_capacity(ev: pd.DataFrame, capacity: int, limit: int = 20) -> list[Violation]:
@@ -283,21 +304,22 @@ def check_seq(ev: pd.DataFrame, limit: int = 20) -> list[Violation]:
     """Per (client, party): sorted by seq, start times never go back; no seq twice."""
     if ev.empty:
         return []
-    s = ev.assign(_c=ev.client.fillna(-1.0)).sort_values(["_c", "party", "seq"], kind="mergesort")
-    g = s.groupby(["_c", "party"], sort=False)
-    prev_start = g.start_s.shift()
-    prev_seq = g.seq.shift()
-    back = (s.start_s < prev_start).to_numpy()
-    dup = (s.seq == prev_seq).to_numpy()
+    seq = ev.seq.to_numpy(dtype=float)
+    order, group = _grouped_order(ev, ("client", "party"), (seq,))
+    seq, start = seq[order], ev.start_s.to_numpy()[order]
+    same = np.r_[False, group[1:] == group[:-1]]
+    prev_start = np.where(same, np.r_[np.nan, start[:-1]], np.nan)
+    prev_seq = np.where(same, np.r_[np.nan, seq[:-1]], np.nan)
+    back, dup = start < prev_start, seq == prev_seq
     idx = np.flatnonzero(back | dup)
     msgs = []
     for i in idx[:limit]:
-        r = s.iloc[i]
+        r = ev.iloc[order[i]]
         if dup[i]:
             msgs.append(f"{_who(r.client)} {r.party}: seq {_int(r.seq)} appears twice")
         else:
-            msgs.append(f"{_who(r.client)} {r.party}: {_span(r)} starts before seq {_int(prev_seq.iloc[i])}, "
-                        f"which started at {float(prev_start.iloc[i])!r}")
+            msgs.append(f"{_who(r.client)} {r.party}: {_span(r)} starts before seq {_int(prev_seq[i])}, "
+                        f"which started at {float(prev_start[i])!r}")
     return _capped("seq", msgs, len(idx), limit)
 
 

@@ -243,7 +243,8 @@ def test_reference_simulation_is_a_different_code_path(tiny_raw, monkeypatch):
 
 
 def test_events_are_on_disk_at_every_round_end(tiny_raw, tmp_path, monkeypatch):
-    """Crash safety: when a round ends, events.csv on disk holds every span recorded so far."""
+    """Crash safety: when a round ends, events.csv on disk holds every span recorded so far
+    (and, streamed, nothing is left in memory); they are the spans of the same run kept in memory."""
     import simulator.runner as runner_mod
     from simulator.trace import EVENT_COLUMNS
 
@@ -255,13 +256,17 @@ def test_events_are_on_disk_at_every_round_end(tiny_raw, tmp_path, monkeypatch):
         rec = self.sim.recorder
         rows = (rec.out_dir / "events.csv").read_text().splitlines()  # the folder the run writes into
         assert rows[0] == ",".join(EVENT_COLUMNS)
-        seen.append((rows[1:], rec.events_csv_text().splitlines()[1:]))
+        seen.append((rows[1:], rec.event_count, len(rec.events)))
 
     monkeypatch.setattr(runner_mod._Controller, "on_round", on_round)
-    run_scenario(validate({**tiny_raw, "stop": {"rounds": 3}}), tmp_path / "run")
+    scenario = validate({**tiny_raw, "stop": {"rounds": 3}})
+    run_scenario(scenario, tmp_path / "run")
+    monkeypatch.undo()
+    kept = run_scenario(scenario).recorder.events_csv_text().splitlines()[1:]
     assert len(seen) == 3
-    for on_disk, recorded in seen:
-        assert on_disk == recorded and len(recorded) > 0
+    for on_disk, count, in_memory in seen:
+        assert on_disk == kept[:count] and count > 0 and in_memory == 0
+    assert seen[-1][1] == len(kept)
 
 
 def _slot_trace(make_pool, seed: int) -> list:

@@ -103,8 +103,9 @@ def test_two_round_smoke_run_on_tiny_opt(text_raw, tmp_path, algo):
     assert prof["activation_shape"] == [BATCH, MAX_LEN, TINY_OPT["hidden_size"]]
     # Labels (int64) and the attention mask (int64 [B, L]) travel with h.
     assert prof["label_bytes"] == 8 * BATCH + 8 * BATCH * MAX_LEN
-    sent = [e for e in result.recorder.events if e.kind == "activation"]
-    assert sent and all(e.nbytes == prof["activation_bytes"] + prof["label_bytes"] for e in sent)
+    ev = result.events  # streamed to events.csv, read back
+    sent = ev[ev.kind == "activation"]
+    assert len(sent) and (sent.nbytes == prof["activation_bytes"] + prof["label_bytes"]).all()
 
 
 def test_text_profile_counts_real_flops_and_the_mask():

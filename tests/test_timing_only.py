@@ -66,10 +66,34 @@ def test_events_equal_training_run(tiny_raw, which, tmp_path):
     timed = run_scenario(validate({**raw, "timing_only": True}), tmp_path / "timing")
     a = (tmp_path / "train" / "events.csv").read_bytes()
     b = (tmp_path / "timing" / "events.csv").read_bytes()
-    assert len(trained.recorder.events) > 40
+    assert trained.recorder.event_count > 40
     assert a == b
     for key in ("sim_time_s", "rounds", "bytes_up", "bytes_down", "server_busy_s", "events", "evaluations"):
         assert timed.summary[key] == trained.summary[key], key
+
+
+@pytest.mark.parametrize("which", ["mu_splitfed", "gas_diagonal"])
+def test_a_run_into_a_folder_keeps_no_rows_in_memory(tiny_raw, which, tmp_path):
+    """Into a folder, spans and table rows are streamed and let go, and MU-SplitFed keeps its
+    finished local iterations as compact columns: nothing grows with the run but those columns.
+    The files and the summary are those of the same run kept in memory."""
+    raw = _scenario(tiny_raw, ALGORITHMS[which], rounds=4)
+    raw["timing_only"] = True
+    on_disk = run_scenario(validate(raw), tmp_path / "run")
+    kept = run_scenario(validate(raw))
+    rec = on_disk.recorder
+    assert rec.events == [] and all(rows == [] for rows in rec.tables.values()) and rec.tables
+    assert rec.event_count == len(kept.recorder.events) > 40
+    assert rec.table_counts() == {name: len(rows) for name, rows in kept.recorder.tables.items()}
+    assert (tmp_path / "run" / "events.csv").read_text() == kept.recorder.events_csv_text()
+    host = {"host_runtime_s", "eval_host_s"}
+    assert {k: v for k, v in on_disk.summary.items() if k not in host} == \
+        {k: v for k, v in kept.summary.items() if k not in host}
+    if which == "mu_splitfed":
+        st = on_disk.algorithm.state
+        assert st.records == [] and len(st.finished.cols["round"]) == on_disk.summary["mu_splitfed"]["local_iterations"]
+        lines = (tmp_path / "run" / "client_rounds.csv").read_text().splitlines()
+        assert len(lines) - 1 == rec.table_counts()["client_rounds"] == len(st.finished.cols["round"])
 
 
 def test_gas_full_covariance_prices_one_attempt_per_factorisation(tiny_raw):

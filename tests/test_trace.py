@@ -110,7 +110,8 @@ def test_add_span_is_span(tmp_path):
     """Recorder.add_span (the engine's path) records, counts bytes and flushes as span() does."""
     from simulator.trace import Span
 
-    a, b = Recorder(tmp_path / "a", flush_every=2), Recorder(tmp_path / "b", flush_every=2)
+    a = Recorder(tmp_path / "a", flush_every=2, keep_events=True)
+    b = Recorder(tmp_path / "b", flush_every=2, keep_events=True)
     for i, party in enumerate(["uplink", "downlink", "client", "uplink", "server"]):
         fields = dict(client=i % 2 or None, party=party, kind="k", round=0, seq=i, start_s=i * 0.1,
                       end_s=i * 0.1 + 0.3, wait_s=0.0, flops=2.0, nbytes=10 * (i + 1), rng_elements=i)
@@ -122,6 +123,59 @@ def test_add_span_is_span(tmp_path):
     a.close(), b.close()
     assert (tmp_path / "a" / "events.csv").read_bytes() == (tmp_path / "b" / "events.csv").read_bytes()
     assert b.events_csv_text() == (tmp_path / "b" / "events.csv").read_text()
+
+
+def test_streaming_recorder_lets_written_spans_go(tmp_path):
+    """With an output folder (the default there) spans are written and dropped at each flush;
+    the file, the count, the bytes and the server's busy time are those of a recorder that
+    keeps every span, and asking for the dropped spans fails loudly."""
+    import random
+
+    from simulator.trace import Span
+
+    keep = Recorder(tmp_path / "keep", flush_every=3, keep_events=True)
+    stream = Recorder(tmp_path / "stream", flush_every=3)
+    assert not stream.keep_events and Recorder().keep_events
+    rnd = random.Random(5)
+    for i in range(50):  # overlapping, nested, touching and empty server spans, in no order
+        start = rnd.choice([0.0, 0.5, 1.0]) + rnd.random()
+        end = start + rnd.choice([0.0, 0.1, 0.7, 2.0]) * rnd.random()
+        span = Span(i % 3 or None, rnd.choice(["server", "client", "uplink", "downlink"]), "k", i // 10, i,
+                    start, end, 0.0, 1.0, 7 * i)
+        keep.add_span(span)
+        stream.add_span(span)
+        assert len(stream.events) < 3 and stream.event_count == i + 1
+        for rec in (keep, stream):
+            rec.table("rows", {"i": i, "start": start})
+    keep.close(), stream.close()
+    for name in ("events.csv", "rows.csv"):
+        assert (tmp_path / "keep" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes()
+    assert stream.tables == {"rows": []} and stream.table_counts() == keep.table_counts() == {"rows": 50}
+    with pytest.raises(ValueError, match="columns"):
+        stream.table("rows", {"start": 0.0, "i": 1})
+    assert stream.events == [] and stream.event_count == len(keep.events) == 50
+    assert (stream.bytes_up, stream.bytes_down) == (keep.bytes_up, keep.bytes_down)
+    spans = sorted((e.start_s, e.end_s) for e in keep.events if e.party == "server" and e.end_s > e.start_s)
+    union = sum(e - s for s, e in _merged(spans))
+    assert stream.busy_time("server") == keep.busy_time("server") == pytest.approx(union)
+    assert keep.busy_time("client") > 0
+    with pytest.raises(ValueError, match="streamed"):
+        stream.busy_time("client")
+    with pytest.raises(ValueError, match="streamed"):
+        stream.events_csv_text()
+    with pytest.raises(ValueError, match="out_dir"):
+        Recorder(keep_events=False)
+
+
+def _merged(spans):
+    """The union of sorted (start, end) intervals, written out plainly."""
+    out = []
+    for s, e in spans:
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
 
 
 def test_interrupt_right_after_a_write_never_duplicates_rows(tmp_path, monkeypatch):

@@ -55,8 +55,10 @@ Choices where the paper is silent (also in docs/mu_splitfed.md):
 """
 from __future__ import annotations
 
+import itertools
+from array import array
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import simpy
 import torch
@@ -362,7 +364,31 @@ class RoundsState:
     server_global: Params
     batches: ClientBatches
     server_buffers: dict = field(default_factory=dict)  # V2's shared server momentum (persists)
-    records: list = field(default_factory=list)  # _ClientRound rows (only where the table is kept)
+    records: list = field(default_factory=list)  # this round's _ClientRound rows (only where the table is kept)
+    finished: "_Finished" = field(default_factory=lambda: _Finished())  # earlier rounds' rows, what the summary sums
+
+
+#: the _ClientRound fields summary_extra reads (sums, counts), kept per finished local iteration
+_SUMMED = ("round", "client", "tau_used", "server_steps_s", "server_loss_diff_s", "server_queue_s",
+           "server_idle_s", "client_wait_s", "bytes_up", "bytes_down")
+
+
+class _Finished:
+    """The finished local iterations of earlier rounds, a compact column per field of ``_SUMMED``
+    (8 bytes each, in the order they started), so that a long run's memory does not grow by a
+    _ClientRound object per local iteration; ``column`` chains this round's own records on."""
+
+    def __init__(self):
+        self.cols = {f: array("d" if f.endswith("_s") else "q") for f in _SUMMED}
+
+    def add(self, records: list) -> None:
+        for r in records:
+            for f, col in self.cols.items():
+                col.append(getattr(r, f))
+
+    def column(self, name: str, current: list) -> Iterator:
+        """Field ``name`` of every finished local iteration, earlier rounds first, then ``current``."""
+        return itertools.chain(self.cols[name], (getattr(r, name) for r in current))
 
 
 @dataclass
@@ -688,6 +714,8 @@ class SplitRounds:
             clients = select_clients(ctx.seed, r, ctx.num_clients, cfg.participation)
             results: dict = {}
             yield from run_round(sim, [self.client_round(c, r, results) for c in clients])
+            st.finished.add(st.records)  # every one finished (the barrier): into the compact columns
+            st.records.clear()
             # Line 6: x = x + lr_global * mean_m(x_m - x), Fed Server and Split Server in parallel.
             weights = aggregation_weights(cfg.aggregation, clients, ctx.partitions)
             m = len(clients)
@@ -710,29 +738,35 @@ class SplitRounds:
         splitfed_zo and for SplitFed with ZO clients: the same exchange)."""
         if not self.table:
             return {}
-        done = [r for r in self.state.records if r.end_s == r.end_s]  # finished local iterations (end_s is not NaN)
-        n = len(done)
-        taus = [r.tau_used for r in done]
+        done = [r for r in self.state.records if r.end_s == r.end_s]  # this round's finished ones (end_s not NaN)
+        fin = self.state.finished
+
+        def total(name: str):
+            return sum(fin.column(name, done))
+
+        n = len(fin.cols["round"]) + len(done)
+        taus = list(fin.column("tau_used", done))
+        client_rounds = len(set(zip(fin.column("round", done), fin.column("client", done))))
         return {
             "mu_splitfed": {
                 "tau": self.tau,
                 "tau_max": self.tau_max if self.tau == "adaptive" else None,
                 "client_optimizer": self.cfg.client_optimizer,
                 "server_optimizer": self.cfg.server_optimizer,
-                "client_rounds": len({(r.round, r.client) for r in done}),
+                "client_rounds": client_rounds,
                 "local_iterations": n,
                 "mean_tau_used": (sum(taus) / n) if n else None,
                 "min_tau_used": min(taus) if taus else None,
                 "max_tau_used": max(taus) if taus else None,
                 "server_local_steps": sum(taus),
-                "server_steps_s": sum(r.server_steps_s for r in done),
-                "server_loss_diff_s": sum(r.server_loss_diff_s for r in done),
-                "server_queue_s": sum(r.server_queue_s for r in done),
-                "server_idle_s": sum(r.server_idle_s for r in done),
-                "client_wait_s": sum(r.client_wait_s for r in done),
-                "mean_client_wait_s": (sum(r.client_wait_s for r in done) / n) if n else None,
-                "bytes_up": sum(r.bytes_up for r in done),
-                "bytes_down": sum(r.bytes_down for r in done),
+                "server_steps_s": total("server_steps_s"),
+                "server_loss_diff_s": total("server_loss_diff_s"),
+                "server_queue_s": total("server_queue_s"),
+                "server_idle_s": total("server_idle_s"),
+                "client_wait_s": total("client_wait_s"),
+                "mean_client_wait_s": (total("client_wait_s") / n) if n else None,
+                "bytes_up": total("bytes_up"),
+                "bytes_down": total("bytes_down"),
             }
         }
 
