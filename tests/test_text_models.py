@@ -222,3 +222,22 @@ def test_known_num_layers_agrees_with_num_layers():
         assert known_num_layers(name, config) == num_layers(name, config)
     assert known_num_layers("opt", {"hidden_size": 8}) is None
     assert known_num_layers("opt", None, "/nowhere") is None
+
+
+def test_tokenizer_for_loads_on_first_use():
+    """tokenizer_for checks the folder now and loads the tokenizer when it is first used."""
+    import copy
+
+    from models.text import LocalTokenizer
+
+    tok = tokenizer_for("minilm")
+    assert isinstance(tok, LocalTokenizer) and not tok.loaded and "not loaded yet" in repr(tok)
+    fp = tok.cache_fingerprint()
+    assert not tok.loaded and fp == tokenizer_for("opt").cache_fingerprint()
+    assert {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} <= {f[0] for f in fp["files"]}
+    with pytest.raises(AttributeError):
+        tok._not_a_tokenizer_attribute
+    assert not copy.copy(tok).loaded
+    ids = tok(["a driverless car"], padding="max_length", max_length=6, return_tensors="pt")["input_ids"]
+    assert tok.loaded and ids.shape == (1, 6) and int(ids[0, 0]) == tok.cls_token_id
+    assert tok.load() is tok.load()

@@ -13,6 +13,17 @@ texts and labels, its label names, one line for ``sflsim list``). Two datasets:
   ``sentence<TAB>label`` header); GLUE's ``test.tsv`` has no labels, so ``dev.tsv`` is the
   test set, as in the papers.
 
+Tokenised datasets are cached on disk (``token_cache_dir()``: ``tokens/`` next to the cut
+profiles' ``profiles/`` in ``$SFLSIM_CACHE``; ``off`` turns it off) when the tokenizer can name
+itself without being loaded (``models.text.LocalTokenizer``, what ``tokenizer_for`` returns). The
+key holds everything the tokens depend on: the dataset, the path, size and SHA-256 of each file
+read, the tokenizer's fingerprint (its files, the transformers and tokenizers versions), max_len,
+the limits, the seed, the validation split, a digest of this reading/subset/RNG code and the numpy
+and python versions. An entry is checked before use (its full key, a SHA-256 over key and
+arrays, dtypes and ranks): a corrupt, foreign or unreadable entry is logged and the data are
+tokenised again. A hit skips loading the tokenizer, reading the file and tokenising (0.9-1.1 s
+for ``minilm_tweets``, transformers' top-level import included).
+
 Nothing here downloads: a missing file raises ``DatasetNotFoundError`` naming where we looked
 and how to get it. Random draws (the fixed tweets split, ``train_limit`` subsets) come from
 ``simulator.rng`` keyed generators in the ``data`` stream. This module never trains and never
@@ -20,10 +31,17 @@ prints.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +329,8 @@ class TextSource:
     read: Callable[[Path], Raw]  # what locate found -> texts and labels of both splits
     train_size: Optional[int] = None  # training examples of the usual copy (pre-flight bounds), None: unknown
     test_size: Optional[int] = None  # test examples of the usual copy (pre-flight bounds eval.subset), None: unknown
+    # What locate found -> the files read reads (their size and mtime key the token cache); None: that path.
+    inputs: Optional[Callable[[Path], Sequence[Path]]] = None
 
     def check_files(self, root: Optional[PathLike] = None, *, fallbacks: bool = True) -> str:
         """Where the files are, without reading them (DatasetNotFoundError if nowhere)."""
@@ -334,32 +354,72 @@ class TextSource:
         check_limit("test_limit", test_limit)
         started = time.perf_counter()
         path = self.locate(root)
+        eval_data = "test" if validation is None else "validation"
+        key = self._cache_key(path, tokenizer, max_len=max_len, train_limit=train_limit, test_limit=test_limit,
+                              seed=seed, validation=validation)
+        cached = _cache_read(key)
+        if cached is not None:
+            tensors, pad = cached
+            how = "from the token cache"
+        else:
+            tensors = self._tokenised(path, tokenizer, max_len=max_len, train_limit=train_limit,
+                                      test_limit=test_limit, seed=seed, validation=validation)
+            pad = int(tokenizer.pad_token_id)
+            how = "tokenised"
+            if key is not None:
+                _cache_write(key, tensors, pad)
+        x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in tensors)
+        ds = TextDataset(
+            name=self.name,
+            x_train=x_train,
+            y_train=y_train,
+            x_test=x_test,
+            y_test=y_test,
+            num_classes=len(self.label_names),
+            pad_token_id=pad,
+            label_names=self.label_names,
+            eval_data=eval_data,
+        )
+        logger.info("loaded %r from %s in %.1fs (%s)", ds, path, time.perf_counter() - started, how)
+        return ds
+
+    def _tokenised(self, path: Path, tokenizer: Any, *, max_len: int, train_limit: Optional[int],
+                   test_limit: Optional[int], seed: int, validation) -> tuple[np.ndarray, ...]:
+        """Read the files and tokenise: int64 arrays (x_train, y_train, x_eval, y_eval)."""
         raw = self.read(path)
         if validation is not None:
             raw = {**self._held_out(raw["train"], validation, seed), "test": None}
         eval_data = "test" if validation is None else "validation"
         limits = {"train": train_limit, "test": test_limit, "validation": None}
-        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list[np.ndarray] = []
         for split in ("train", eval_data):
             texts_s, y = raw[split]
             limit = limits[split]
             if limit is not None and limit < y.size:
                 idx = stratified_subset(y, limit, generator(seed, "data", "subset", self.name, split))
                 texts_s, y = [texts_s[i] for i in idx], y[idx]
-            out[split] = (tokenize(texts_s, tokenizer, max_len), torch.from_numpy(np.array(y, dtype=np.int64)))
-        ds = TextDataset(
-            name=self.name,
-            x_train=out["train"][0],
-            y_train=out["train"][1],
-            x_test=out[eval_data][0],
-            y_test=out[eval_data][1],
-            num_classes=len(self.label_names),
-            pad_token_id=int(tokenizer.pad_token_id),
-            label_names=self.label_names,
-            eval_data=eval_data,
-        )
-        logger.info("loaded %r from %s in %.1fs", ds, path, time.perf_counter() - started)
-        return ds
+            out += [tokenize(texts_s, tokenizer, max_len).numpy(), np.array(y, dtype=np.int64)]
+        return tuple(out)
+
+    def _cache_key(self, path: Path, tokenizer: Any, **arguments: Any) -> Optional[dict]:
+        """Everything the tokens depend on (JSON values), or None: not cached.
+
+        Not cached when the cache is off or the tokenizer cannot name itself without loading
+        (only ``models.text.LocalTokenizer`` can: ``cache_fingerprint()``; a tokenizer object handed
+        in directly is always used).
+        """
+        fingerprint = getattr(tokenizer, "cache_fingerprint", None)
+        if token_cache_dir() is None or not callable(fingerprint):
+            return None
+        files = [[str(f), f.stat().st_size, file_digest(f)]
+                 for f in (Path(f).resolve() for f in (self.inputs(path) if self.inputs is not None else (path,)))]
+        key = {"dataset": self.name, "files": files, "tokenizer": fingerprint(), **arguments,
+               "format": TOKEN_CACHE_FORMAT, "code": _code_digest(), "numpy": np.__version__,
+               "python": list(sys.version_info[:2])}
+        try:
+            return json.loads(_canonical(key))  # as it reads back from JSON (tuples -> lists)
+        except (TypeError, ValueError):  # an argument JSON cannot hold exactly: not cached
+            return None
 
     def _held_out(self, train: tuple[list[str], np.ndarray], validation, seed: int) -> Raw:
         """The training split cut into ``train`` and ``validation`` (``data.validation``).
@@ -385,6 +445,132 @@ class TextSource:
 
 
 # --------------------------------------------------------------------------------------------
+# The on-disk cache of tokenised datasets
+# --------------------------------------------------------------------------------------------
+#: The cache folder follows the cut-profile cache (``models.profile.cache_dir``): ``tokens/``
+#: next to its ``profiles/``, in ``$SFLSIM_CACHE`` (``off`` turns both off), else
+#: ``$XDG_CACHE_HOME/sflsim``, else ``~/.cache/sflsim``.
+CACHE_ENV = "SFLSIM_CACHE"
+#: Bumped when the entry format changes (older entries are then simply not found).
+TOKEN_CACHE_FORMAT = 1
+#: The code the tokens depend on besides the tokenizer: reading, splitting, subsets, the RNG.
+_TOKENS_CODE = ("simulator/data/text.py", "simulator/data/partitions.py", "simulator/rng.py")
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def token_cache_dir() -> Optional[Path]:
+    """The folder of cached tokenised datasets, or None when ``$SFLSIM_CACHE`` is ``off``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    if env:
+        return Path(env).expanduser() / "tokens"
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "sflsim" / "tokens"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 of the source of the reading, subset and RNG code: an edit there invalidates entries."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[2]
+    for name in _TOKENS_CODE:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks; the 4.5 MB tweets corpus takes ~3 ms)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _checksum(key: dict, pad: int, arrays: Sequence[np.ndarray]) -> str:
+    """SHA-256 of the key, the pad id and every array's dtype, shape and bytes."""
+    h = hashlib.sha256(_canonical([key, pad]).encode())
+    for name, a in zip(_ARRAYS, arrays):
+        h.update(f"\0{name} {a.dtype.str} {a.shape}\0".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _cache_path(key: dict) -> Path:
+    folder = token_cache_dir()
+    assert folder is not None
+    return folder / f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:40]}.npz"
+
+
+def _from_entry(npz: Any, key: dict) -> tuple[tuple[np.ndarray, ...], int]:
+    """The arrays and pad id of an opened entry; ValueError saying what is wrong with it."""
+    if sorted(npz.files) != sorted(_ARRAYS + ("meta",)):
+        raise ValueError("not a token cache entry")
+    meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+    if not isinstance(meta, dict) or set(meta) != {"key", "pad_token_id", "checksum"}:
+        raise ValueError("not a token cache entry")
+    if meta["key"] != key:
+        raise ValueError("it belongs to another key")
+    pad = meta["pad_token_id"]
+    if type(pad) is not int:
+        raise ValueError("pad_token_id is not an integer")
+    arrays = tuple(npz[name] for name in _ARRAYS)
+    for name, a in zip(_ARRAYS, arrays):
+        if a.dtype != np.int64 or a.ndim != (2 if name.startswith("x") else 1):
+            raise ValueError(f"{name} is {a.dtype} with {a.ndim} dimensions")
+    if meta["checksum"] != _checksum(key, pad, arrays):
+        raise ValueError("checksum mismatch")
+    return arrays, pad
+
+
+def _cache_read(key: Optional[dict]) -> Optional[tuple[tuple[np.ndarray, ...], int]]:
+    """The cached arrays and pad id under ``key``, or None (absent, unreadable or corrupt: logged)."""
+    if key is None:
+        return None
+    path = _cache_path(key)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            entry = _from_entry(npz, key)
+        logger.debug("tokenised data from the cache: %s", path)
+        return entry
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (zip, npy, JSON); all mean "rebuild"
+        logger.warning("corrupt or unreadable token cache entry %s (%s: %s); tokenising again", path,
+                       type(e).__name__, " ".join(str(e).split())[:200])
+        return None
+
+
+def _cache_write(key: dict, arrays: Sequence[np.ndarray], pad: int) -> None:
+    """Store the arrays under ``key`` (a temporary file, then a rename); a failure is only logged."""
+    path = _cache_path(key)
+    meta = {"key": key, "pad_token_id": pad, "checksum": _checksum(key, pad, arrays)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **dict(zip(_ARRAYS, arrays)),
+                         meta=np.frombuffer(_canonical(meta).encode("utf-8"), dtype=np.uint8))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        logger.info("cached the tokenised data in %s", path)
+    except OSError as e:
+        logger.warning("cannot write the token cache %s (%s); the data are tokenised on every run "
+                       "(set %s to a writable folder, or to off)", path.parent, e.strerror or e, CACHE_ENV)
+
+
+# --------------------------------------------------------------------------------------------
 # The catalogue and the public loader
 # --------------------------------------------------------------------------------------------
 TEXT_DATASETS: dict[str, TextSource] = {s.name: s for s in (
@@ -395,6 +581,7 @@ TEXT_DATASETS: dict[str, TextSource] = {s.name: s for s in (
     ),
     TextSource(
         name="sst2", label_names=SST2_LABELS, locate=locate_sst2, read=_read_sst2, test_size=872, train_size=67_349,
+        inputs=lambda folder: (folder / "train.tsv", folder / "dev.tsv"),
         summary="GLUE's SST-2 movie-review sentences, 2 sentiments (TSV files; dev.tsv is the test set)",
     ),
 )}
