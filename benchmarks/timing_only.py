@@ -95,10 +95,11 @@ def main() -> None:
     # streamed to events.csv, the folder verified at the end), each in a fresh process so that
     # its peak memory is its own.
     with tempfile.TemporaryDirectory() as tmp:
-        host, ops, sim, rss = large_child(args.large_rounds, args.large_clients, Path(tmp) / "a")
+        host, ops, sim, run_rss, rss = large_child(args.large_rounds, args.large_clients, Path(tmp) / "a")
         print(f"large timing-only run: {args.large_clients} clients x {args.large_rounds} rounds (every client, 2 "
               f"local steps, into a folder): {ops:,} client operations, {sim:,.1f} s simulated, {host:.1f} s host, "
-              f"{ops / host:,.0f} client ops / host s, peak RSS {rss:,.0f} MB")
+              f"{ops / host:,.0f} client ops / host s, peak RSS {run_rss:,.0f} MB before the end-of-run verification, "
+              f"{rss:,.0f} MB with it")
         print(f"RESULT timing_only.client_ops_per_s_{args.large_clients}_clients = {ops / host:.0f}  simulated client "
               f"operations per host second, timing-only ({args.large_clients * args.large_rounds / host:,.0f} clients "
               f"x rounds per host second)")
@@ -106,39 +107,61 @@ def main() -> None:
         # again with twice the rounds gives the cost of a round without the start-up (data, model,
         # profile, per-client draws) and the end-of-run checks: projected = host(R) + (1000 - R) x
         # (host(2R) - host(R)) / R. Peak memory of the two says whether it grows with the run.
-        host2, _, _, rss2 = large_child(2 * args.large_rounds, args.large_clients, Path(tmp) / "b")
+        host2, _, _, run_rss2, rss2 = large_child(2 * args.large_rounds, args.large_clients, Path(tmp) / "b")
     per_round = (host2 - host) / args.large_rounds
     projected = host + (1000 - args.large_rounds) * per_round
     print(f"the same with {2 * args.large_rounds} rounds: {host2:.1f} s host, so {per_round:.2f} s per round "
           f"without start-up; 1,000 rounds projected: {projected:,.0f} s ({projected / 60:.1f} min); peak RSS "
-          f"{rss2:,.0f} MB (x{rss2 / rss:.2f} for twice the rounds)")
+          f"{run_rss2:,.0f} MB before the verification (x{run_rss2 / run_rss:.2f} for twice the rounds), {rss2:,.0f} MB "
+          f"with it (x{rss2 / rss:.2f}: the checks hold every row)")
     print(f"RESULT timing_only.projected_s_1000_rounds_{args.large_clients}_clients = {projected:.0f}  projected "
           f"host seconds of a 1,000-round timing-only run of {args.large_clients} clients (from runs of "
           f"{args.large_rounds} and {2 * args.large_rounds} rounds)")
-    print(f"RESULT timing_only.peak_rss_ratio_2x_rounds = {rss2 / rss:.3f}  peak memory of the {2 * args.large_rounds}-"
-          f"round run / the {args.large_rounds}-round run (1.0: memory does not grow with the run)")
+    print(f"RESULT timing_only.peak_rss_ratio_2x_rounds = {run_rss2 / run_rss:.3f}  peak memory of the "
+          f"{2 * args.large_rounds}-round run / the {args.large_rounds}-round run, before the end-of-run verification "
+          f"(1.0: memory does not grow with the run)")
 
 
-def large_child(rounds: int, clients: int, out: Path) -> tuple[float, int, float, float]:
-    """(host s, client ops, simulated s, peak RSS MB) of one large timing-only run into ``out``,
-    in a fresh process (``--child``)."""
+def large_child(rounds: int, clients: int, out: Path) -> tuple[float, int, float, float, float]:
+    """(host s, client ops, simulated s, peak RSS MB before the end-of-run verification, peak RSS
+    MB) of one large timing-only run into ``out``, in a fresh process (``--child``)."""
     cmd = [sys.executable, __file__, "--child", str(rounds), str(clients), str(out)]
     line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    host, ops, sim, rss = line.split()
-    return float(host), int(ops), float(sim), float(rss)
+    host, ops, sim, run_rss, rss = line.split()
+    return float(host), int(ops), float(sim), float(run_rss), float(rss)
 
 
 def child(rounds: int, clients: int, out: str) -> None:
+    import simulator.runner as runner
+
     torch.set_num_threads(1)
     s = scenario(rounds, clients, True, participation=1.0, steps=2, test_limit=100)
+    verify, before_verify = runner._verify_folder, []
+
+    def measured_verify(*args, **kwargs):  # the run's own peak, before the end-of-run checks read events.csv
+        before_verify.append(peak_rss_mb())
+        return verify(*args, **kwargs)
+
+    runner._verify_folder = measured_verify
     t0 = time.perf_counter()
     res = run_scenario(s, out)
     host = time.perf_counter() - t0
     with open(Path(out) / "events.csv") as f:
         next(f)
         ops = sum(1 for line in f if not line.startswith(","))  # rows with a client
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    print(host, ops, res.summary["sim_time_s"], rss)
+    print(host, ops, res.summary["sim_time_s"], before_verify[0], peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: VmHWM on Linux (ru_maxrss would carry the
+    parent's peak across fork and exec), else ru_maxrss (kB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 if __name__ == "__main__":
