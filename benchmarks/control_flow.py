@@ -41,7 +41,7 @@ if "active_clients" in small["algorithm"]:
 with tempfile.TemporaryDirectory() as d:
     run_scenario(validate(small), out_dir=Path(d) / "warm")  # imports, dataset file cache
     t0 = time.perf_counter()
-    res = run_scenario(validate(raw), out_dir=Path(d) / "run")
+    run_scenario(validate(raw), out_dir=Path(d) / "run")
     host = time.perf_counter() - t0
     digest = hashlib.sha256()
     for f in sorted((Path(d) / "run").iterdir()):
@@ -51,7 +51,8 @@ with tempfile.TemporaryDirectory() as d:
             digest.update(text.encode())
         elif f.suffix == ".csv":
             digest.update(f.name.encode() + f.read_bytes())
-    ops = sum(1 for e in res.recorder.events if e.client is not None)
+    with open(Path(d) / "run" / "events.csv") as f:  # spans are streamed there, not kept
+        ops = sum(1 for line in f if not line.startswith(",")) - 1  # rows with a client, header aside
     print(json.dumps({"host": host, "ops": ops, "digest": digest.hexdigest()}))
 '''
 

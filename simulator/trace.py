@@ -140,7 +140,7 @@ class Recorder:
         self.keep_events = self.out_dir is None if keep_events is None else bool(keep_events)
         if not self.keep_events and self.out_dir is None:
             raise ValueError("a recorder without out_dir must keep its events (nowhere to stream them)")
-        self.events: list[Span] = []
+        self._spans: list[Span] = []  # every span (keep_events), else those not yet written
         self.metrics: list[dict] = []
         self.tables: dict[str, list[dict]] = {}
         self.bytes_up = 0
@@ -160,9 +160,18 @@ class Recorder:
             self._files["metrics"] = _CsvFile(self.out_dir / rundir.METRICS, METRIC_COLUMNS)
 
     @property
+    def events(self) -> list[Span]:
+        """Every span recorded, in order (a recorder that keeps them: no ``out_dir``, or
+        ``keep_events=True``); a streaming recorder raises, its spans are in events.csv."""
+        if not self.keep_events:
+            raise ValueError(f"the spans were streamed to {self.out_dir / rundir.EVENTS} and not kept in memory: read "
+                             "that file (RunResult.events does), or record with keep_events=True")
+        return self._spans
+
+    @property
     def event_count(self) -> int:
         """Spans recorded so far (written or not, kept or not)."""
-        return self._events_dropped + len(self.events)
+        return self._events_dropped + len(self._spans)
 
     def table_counts(self) -> dict[str, int]:
         """Rows of each algorithm table so far (written or not, kept or not)."""
@@ -176,7 +185,7 @@ class Recorder:
 
     def add_span(self, span: Span) -> None:
         """``span`` with its fields already in a ``Span`` (the engine's per-operation path)."""
-        events = self.events
+        events = self._spans
         events.append(span)
         party = span.party
         if party == "uplink":
@@ -225,22 +234,22 @@ class Recorder:
         """Write what is buffered (events and tables) to disk (never twice: an interrupt
         waits until the rows and the marks of what was written agree)."""
         if self.out_dir is None:
-            self._events_written = len(self.events)
+            self._events_written = len(self._spans)
             return
         with _interrupts_deferred():
             self._flush()
 
     def _flush(self) -> None:
         if self.out_dir is None:
-            self._events_written = len(self.events)
+            self._events_written = len(self._spans)
             return
-        new = self.events[self._events_written :]
+        new = self._spans[self._events_written :]
         if new:
             self._files["events"].write_spans(new)
-        self._events_written = len(self.events)
+        self._events_written = len(self._spans)
         if not self.keep_events:
-            self._events_dropped += len(self.events)
-            self.events = []
+            self._events_dropped += len(self._spans)
+            self._spans = []
             self._events_written = 0
         for name, rows in self.tables.items():
             if name not in self._files:
@@ -281,7 +290,7 @@ class Recorder:
         else:
             if not self.keep_events:
                 raise ValueError(f"busy_time({party!r}): the spans were streamed to disk, not kept")
-            spans = sorted((e.start_s, e.end_s) for e in self.events if e.party == party and e.end_s > e.start_s)
+            spans = sorted((e.start_s, e.end_s) for e in self._spans if e.party == party and e.end_s > e.start_s)
         total, cur_s, cur_e = 0.0, None, None
         for s, e in spans:
             if cur_e is None or s > cur_e:
@@ -301,5 +310,5 @@ class Recorder:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(EVENT_COLUMNS)
-        w.writerows(self.events)
+        w.writerows(self._spans)
         return buf.getvalue()

@@ -256,7 +256,7 @@ def test_events_are_on_disk_at_every_round_end(tiny_raw, tmp_path, monkeypatch):
         rec = self.sim.recorder
         rows = (rec.out_dir / "events.csv").read_text().splitlines()  # the folder the run writes into
         assert rows[0] == ",".join(EVENT_COLUMNS)
-        seen.append((rows[1:], rec.event_count, len(rec.events)))
+        seen.append((rows[1:], rec.event_count, len(rec._spans)))
 
     monkeypatch.setattr(runner_mod._Controller, "on_round", on_round)
     scenario = validate({**tiny_raw, "stop": {"rounds": 3}})

@@ -82,7 +82,7 @@ def test_a_run_into_a_folder_keeps_no_rows_in_memory(tiny_raw, which, tmp_path):
     on_disk = run_scenario(validate(raw), tmp_path / "run")
     kept = run_scenario(validate(raw))
     rec = on_disk.recorder
-    assert rec.events == [] and all(rows == [] for rows in rec.tables.values()) and rec.tables
+    assert rec._spans == [] and all(rows == [] for rows in rec.tables.values()) and rec.tables
     assert rec.event_count == len(kept.recorder.events) > 40
     assert rec.table_counts() == {name: len(rows) for name, rows in kept.recorder.tables.items()}
     assert (tmp_path / "run" / "events.csv").read_text() == kept.recorder.events_csv_text()

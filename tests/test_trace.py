@@ -144,7 +144,7 @@ def test_streaming_recorder_lets_written_spans_go(tmp_path):
                     start, end, 0.0, 1.0, 7 * i)
         keep.add_span(span)
         stream.add_span(span)
-        assert len(stream.events) < 3 and stream.event_count == i + 1
+        assert len(stream._spans) < 3 and stream.event_count == i + 1
         for rec in (keep, stream):
             rec.table("rows", {"i": i, "start": start})
     keep.close(), stream.close()
@@ -153,7 +153,9 @@ def test_streaming_recorder_lets_written_spans_go(tmp_path):
     assert stream.tables == {"rows": []} and stream.table_counts() == keep.table_counts() == {"rows": 50}
     with pytest.raises(ValueError, match="columns"):
         stream.table("rows", {"start": 0.0, "i": 1})
-    assert stream.events == [] and stream.event_count == len(keep.events) == 50
+    assert stream._spans == [] and stream.event_count == len(keep.events) == 50
+    with pytest.raises(ValueError, match="streamed to .*events.csv"):
+        stream.events  # a loud error, not an empty list
     assert (stream.bytes_up, stream.bytes_down) == (keep.bytes_up, keep.bytes_down)
     spans = sorted((e.start_s, e.end_s) for e in keep.events if e.party == "server" and e.end_s > e.start_s)
     union = sum(e - s for s, e in _merged(spans))
