@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.split import SplitModel
 from models.text import ServerWithMask, TextSplitModel
+from simulator.cache import CACHE_ENV, cache_folder, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +284,6 @@ def profile_text_cut(parts: TextSplitModel, seq_len: int, batch_size: int) -> Cu
 # --------------------------------------------------------------------------------------------
 # The on-disk cache of cut profiles
 # --------------------------------------------------------------------------------------------
-#: Environment variable naming the cache folder (profiles go in its ``profiles/``); ``off``
-#: turns the cache off. Unset: $XDG_CACHE_HOME/sflsim, else ~/.cache/sflsim.
-CACHE_ENV = "SFLSIM_CACHE"
 #: Bumped when the entry format changes (older entries are then simply not found).
 CACHE_FORMAT = 2  # 2: server_backward_params_flops and the NON_MATMUL_FLOPS prices
 #: The code a profile depends on: the measurement and the model definitions.
@@ -293,24 +291,15 @@ _PROFILED_CODE = ("profile.py", "split.py", "zoo.py", "text.py", "specs.py")
 
 
 def cache_dir() -> Optional[Path]:
-    """The folder of cached cut profiles, or None when ``$SFLSIM_CACHE`` is ``off``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env.lower() in ("off", "0", "none", "false"):
-        return None
-    if env:
-        return Path(env).expanduser() / "profiles"
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base).expanduser() if base else Path.home() / ".cache") / "sflsim" / "profiles"
+    """The folder of cached cut profiles (``profiles/`` of ``simulator.cache``), or None when
+    ``$SFLSIM_CACHE`` is ``off``."""
+    return cache_folder("profiles")
 
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
     """SHA-256 of the source of the profiling and model code: an edit there invalidates entries."""
-    h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in _PROFILED_CODE:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
-    return h.hexdigest()
+    return source_digest(Path(__file__).resolve().parent, _PROFILED_CODE)
 
 
 def _structure(parts: Any) -> str:

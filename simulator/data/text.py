@@ -49,6 +49,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
+from simulator.cache import CACHE_ENV, cache_folder, source_digest
 # Shared with the image datasets: one search order, one not-found message, one limit check.
 from simulator.data.locate import ENV_VAR, PathLike, debian_dir, not_found, search_roots
 from simulator.data.partitions import ValidationSplitError, check_limit, hold_out, stratified_subset, validation_size
@@ -447,10 +448,6 @@ class TextSource:
 # --------------------------------------------------------------------------------------------
 # The on-disk cache of tokenised datasets
 # --------------------------------------------------------------------------------------------
-#: The cache folder follows the cut-profile cache (``models.profile.cache_dir``): ``tokens/``
-#: next to its ``profiles/``, in ``$SFLSIM_CACHE`` (``off`` turns both off), else
-#: ``$XDG_CACHE_HOME/sflsim``, else ``~/.cache/sflsim``.
-CACHE_ENV = "SFLSIM_CACHE"
 #: Bumped when the entry format changes (older entries are then simply not found).
 TOKEN_CACHE_FORMAT = 1
 #: The code the tokens depend on besides the tokenizer: reading, splitting, subsets, the RNG.
@@ -459,24 +456,15 @@ _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def token_cache_dir() -> Optional[Path]:
-    """The folder of cached tokenised datasets, or None when ``$SFLSIM_CACHE`` is ``off``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env.lower() in ("off", "0", "none", "false"):
-        return None
-    if env:
-        return Path(env).expanduser() / "tokens"
-    base = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(base).expanduser() if base else Path.home() / ".cache") / "sflsim" / "tokens"
+    """The folder of cached tokenised datasets (``tokens/`` of ``simulator.cache``, next to the
+    cut profiles), or None when ``$SFLSIM_CACHE`` is ``off``."""
+    return cache_folder("tokens")
 
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
     """SHA-256 of the source of the reading, subset and RNG code: an edit there invalidates entries."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[2]
-    for name in _TOKENS_CODE:
-        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
-    return h.hexdigest()
+    return source_digest(Path(__file__).resolve().parents[2], _TOKENS_CODE)
 
 
 def file_digest(path: PathLike) -> str:
