@@ -135,7 +135,7 @@ class Recorder:
     def __init__(self, out_dir: Optional[Path] = None, flush_every: int = 2000,
                  keep_events: Optional[bool] = None):
         """``keep_events``: keep every span in ``events`` (default: only without ``out_dir``;
-        with one, ``events`` holds the spans not yet written)."""
+        with one, the spans are let go once written and ``events`` raises)."""
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.keep_events = self.out_dir is None if keep_events is None else bool(keep_events)
         if not self.keep_events and self.out_dir is None:
@@ -146,7 +146,7 @@ class Recorder:
         self.bytes_up = 0
         self.bytes_down = 0
         self._flush_every = flush_every
-        self._events_written = 0  # of those in ``events``
+        self._events_written = 0  # of those in ``_spans``
         self._events_dropped = 0  # written and let go (streaming)
         self._server_start = array("d")  # the server's spans, for busy_time
         self._server_end = array("d")
@@ -281,8 +281,8 @@ class Recorder:
         if party == "server":
             import numpy as np
 
-            start = np.frombuffer(self._server_start, dtype=np.float64)
-            end = np.frombuffer(self._server_end, dtype=np.float64)
+            start = np.array(self._server_start, dtype=np.float64)  # copies: the arrays keep growing
+            end = np.array(self._server_end, dtype=np.float64)
             busy = end > start
             start, end = start[busy], end[busy]
             order = np.lexsort((end, start))  # by start, then end
