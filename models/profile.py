@@ -28,14 +28,11 @@ adds, batch/layer norm, GELU, softmax) still count 0.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.split import SplitModel
 from models.text import ServerWithMask, TextSplitModel
-from simulator.cache import CACHE_ENV, cache_folder, source_digest
+from simulator.cache import CACHE_ENV, cache_folder, source_digest, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -344,22 +341,6 @@ def _from_entry(entry: Any, key: dict) -> CutProfile:
     return CutProfile(**values)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Optional[Path] = None) -> CutProfile:
     """The profile stored under ``key`` in ``folder`` (default ``cache_dir()``), else ``measure()``,
     stored for next time.
@@ -397,7 +378,7 @@ def cached(key: Mapping[str, Any], measure: Callable[[], CutProfile], folder: Op
     entry = {"key": full, "profile": data,
              "checksum": hashlib.sha256(_canonical([full, data]).encode()).hexdigest()}
     try:
-        _write_atomic(path, json.dumps(entry, indent=1, sort_keys=True) + "\n")
+        write_atomic(path, (json.dumps(entry, indent=1, sort_keys=True) + "\n").encode("utf-8"))
         log.info("measured the cut profile in %.2f s; cached in %s", time.perf_counter() - t0, path)
     except OSError as e:
         log.warning("cannot write the cut-profile cache %s (%s); the profile is measured on every run "

@@ -7,8 +7,10 @@ subfolder (``profiles/``, ``tokens/``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -34,3 +36,20 @@ def source_digest(base: Path, names: Iterable[str]) -> str:
     for name in names:
         h.update(name.encode() + b"\0" + (base / name).read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync and a
+    rename: a reader sees the old entry or the whole new one, never part of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

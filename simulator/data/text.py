@@ -31,17 +31,15 @@ prints.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from simulator.cache import CACHE_ENV, cache_folder, source_digest
+from simulator.cache import CACHE_ENV, cache_folder, source_digest, write_atomic
 # Shared with the image datasets: one search order, one not-found message, one limit check.
 from simulator.data.locate import ENV_VAR, PathLike, debian_dir, not_found, search_roots
 from simulator.data.partitions import ValidationSplitError, check_limit, hold_out, stratified_subset, validation_size
@@ -538,20 +536,10 @@ def _cache_write(key: dict, arrays: Sequence[np.ndarray], pad: int) -> None:
     """Store the arrays under ``key`` (a temporary file, then a rename); a failure is only logged."""
     path = _cache_path(key)
     meta = {"key": key, "pad_token_id": pad, "checksum": _checksum(key, pad, arrays)}
+    buf = io.BytesIO()
+    np.savez(buf, **dict(zip(_ARRAYS, arrays)), meta=np.frombuffer(_canonical(meta).encode("utf-8"), dtype=np.uint8))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **dict(zip(_ARRAYS, arrays)),
-                         meta=np.frombuffer(_canonical(meta).encode("utf-8"), dtype=np.uint8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, buf.getvalue())
         logger.info("cached the tokenised data in %s", path)
     except OSError as e:
         logger.warning("cannot write the token cache %s (%s); the data are tokenised on every run "
